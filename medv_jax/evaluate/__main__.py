@@ -1,0 +1,160 @@
+"""Command line for evaluation: ``python -m medv_jax.evaluate SUBCOMMAND ...``.
+
+Subcommands:
+  vqa       score a VQA answer file against references (closed accuracy, open recall, extras)
+  lengths   response-length statistics of one or more answer files (paper Table 3)
+
+To add a subcommand, write its ``add_arguments(parser)`` and ``run(args) -> exit code`` functions
+(in any module) and append a :class:`Subcommand` to :data:`SUBCOMMANDS`. ``run`` may raise
+ValueError or OSError for bad input; :func:`main` prints those as one ``error:`` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from medv_jax.evaluate.records import load_records
+from medv_jax.evaluate.response_length import format_length_table, length_stats
+from medv_jax.evaluate.vqa_scoring import (
+    format_vqa_table,
+    load_references,
+    predictions_from_records,
+    score_vqa,
+)
+
+__all__ = ["Subcommand", "SUBCOMMANDS", "build_parser", "main", "write_json"]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``python -m medv_jax.evaluate NAME`` command."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write ``payload`` as indented JSON, creating the parent directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+# ---- vqa ---------------------------------------------------------------------------------------
+
+
+def _add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--predictions", required=True,
+        help="answer file (JSONL or JSON list): question_id and text (or answer / prediction)",
+    )
+    parser.add_argument(
+        "--references", required=True,
+        help="test questions (JSONL or JSON list): question_id or id, answer_type CLOSED/OPEN, "
+        "ground truth in answer (gt_answer, gpt_answer, ground_truth) or the gpt turn of "
+        "conversations",
+    )
+    parser.add_argument("--output", help="write the metrics (and per-question scores) as JSON here")
+    parser.add_argument(
+        "--allow_missing", action="store_true",
+        help="score references without a prediction as empty answers instead of failing",
+    )
+
+
+def _run_vqa(args: argparse.Namespace) -> int:
+    references = load_references(args.references)
+    prediction_records = load_records(args.predictions)
+    predictions = predictions_from_records(prediction_records, where=args.predictions)
+    scores = score_vqa(references, predictions, allow_missing=args.allow_missing)
+    print(format_vqa_table(scores))
+    payload = {"predictions": args.predictions, "references": args.references, **scores.to_dict()}
+    # Answer files written by our sampler carry num_tokens / seconds: report lengths alongside.
+    if any("num_tokens" in r or "seconds" in r for r in prediction_records):
+        lengths = length_stats(prediction_records)
+        print()
+        print(format_length_table({os.path.basename(args.predictions): lengths}))
+        payload["response_length"] = lengths.to_dict()
+    if scores.missing_ids:
+        print(
+            f"\nwarning: {len(scores.missing_ids)} reference question(s) had no prediction and "
+            "were scored as empty answers",
+            file=sys.stderr,
+        )
+    if args.output:
+        write_json(args.output, payload)
+    return 0
+
+
+# ---- lengths -----------------------------------------------------------------------------------
+
+
+def _add_lengths_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--answers", required=True, nargs="+",
+        help="answer file(s) whose records carry text, num_tokens and seconds; one column each",
+    )
+    parser.add_argument("--output", help="write the statistics as JSON here")
+
+
+def _run_names(paths: Sequence[str]) -> list[str]:
+    """Column names: file names when they are distinct, else the paths as given."""
+    names = [os.path.basename(p) for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def _run_lengths(args: argparse.Namespace) -> int:
+    runs = {
+        name: length_stats(load_records(path))
+        for name, path in zip(_run_names(args.answers), args.answers)
+    }
+    print(format_length_table(runs))
+    if args.output:
+        write_json(
+            args.output,
+            {"runs": [{"answers": path, **runs[name].to_dict()}
+                      for name, path in zip(runs, args.answers)]},
+        )
+    return 0
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("vqa", "score VQA answers (closed accuracy, open recall, F1, BLEU)",
+               _add_vqa_arguments, _run_vqa),
+    Subcommand("lengths", "response-length statistics (tokens, words, seconds per question)",
+               _add_lengths_arguments, _run_lengths),
+]
+
+
+def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m medv_jax.evaluate", description="LLaDA-MedV evaluation."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    for command in subcommands:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
