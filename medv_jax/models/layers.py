@@ -1,0 +1,92 @@
+"""Pieces shared by every model file: dtypes, attention, layer scanning and remat policies.
+
+Every parameter is created with logical axis names (``nn.with_logical_partitioning``) so that one
+table in ``medv_jax.sharding`` maps them onto mesh axes; without such a table in context the names
+are inert and the params are plain arrays after ``nn.unbox``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Remat policies by name (MaxText style). "none" keeps every activation; "full" recomputes the
+# whole layer in the backward pass; the "dots" variants keep matmul outputs only.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def to_dtype(name: str | Any) -> jnp.dtype:
+    """Config dtypes are strings (so configs serialise to JSON); resolve them here."""
+    return jnp.dtype(name)
+
+
+def check_choice(value: Any, choices: Sequence[Any], field: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not one of {list(choices)}")
+
+
+def param_init(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """An initializer that tags its parameter with logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def attention(
+    q: Array,  # [batch, q_len, heads, head_dim]
+    k: Array,  # [batch, kv_len, kv_heads, head_dim]
+    v: Array,  # [batch, kv_len, kv_heads, head_dim]
+    key_mask: Array | None,  # [batch, kv_len] bool, True = attend
+    implementation: str | None,
+) -> Array:  # [batch, q_len, heads, head_dim]
+    """Bidirectional scaled dot-product attention with an optional key-padding mask.
+
+    ``implementation`` is passed to ``jax.nn.dot_product_attention`` ("cudnn" selects cuDNN flash
+    attention on GPU, "xla" the portable one, None lets JAX pick).
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :].astype(jnp.bool_)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation=implementation
+    )
+
+
+def scan_layers(block: type[nn.Module], num_layers: int, remat_policy: str, **block_kwargs):
+    """Repeat ``block`` ``num_layers`` times under ``nn.scan`` (params stacked on a leading
+    "layers" axis), rematerialised by the named policy. Returns the module instance.
+
+    The block is called as ``block(x, *broadcast_args) -> (x, None)``.
+    """
+    check_choice(remat_policy, list(REMAT_POLICIES), "remat_policy")
+    if remat_policy != "none":
+        # prevent_cse=False is safe (and faster) under scan, which already blocks CSE across steps.
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(**block_kwargs)
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a (possibly abstract, possibly boxed) parameter tree."""
+    leaves = jax.tree_util.tree_leaves(nn.unbox(tree))
+    total = 0
+    for leaf in leaves:
+        size = 1
+        for d in leaf.shape:
+            size *= int(d)
+        total += size
+    return total

@@ -1,0 +1,47 @@
+"""Command line: ``python -m tools.convert_weights --src DIR --dst DIR`` (see --help)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tools.convert_weights.convert import VISION_VARIANTS, ConversionError, export_checkpoint, import_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.convert_weights",
+        description="Convert a Hugging Face LLaDA / LLaDA-V / LLaDA-MedV / SigLIP checkpoint folder "
+        "into a medv_jax checkpoint (orbax params + config.json), or export one back with --export.",
+    )
+    parser.add_argument("--src", required=True, help="source folder")
+    parser.add_argument("--dst", required=True, help="destination folder (must not exist unless --overwrite)")
+    parser.add_argument("--export", action="store_true",
+                        help="export a medv_jax checkpoint (--src) to Hugging Face safetensors (--dst)")
+    parser.add_argument("--dtype", default="auto",
+                        help="parameter dtype of the converted checkpoint: auto (the source's), float32, bfloat16")
+    parser.add_argument("--vision_config", default=None,
+                        help="SigLIP config.json (or its folder) for a multimodal checkpoint whose config only "
+                        "names its vision tower; default: the config's vision_config, else the so400m preset")
+    parser.add_argument("--vision_variant", default="llada_v", choices=VISION_VARIANTS,
+                        help="for a SigLIP checkpoint: llada_v drops the last layer and post-LN (as LLaDA-V/MedV), "
+                        "full keeps every layer and post-LN")
+    parser.add_argument("--max_shard_gb", type=float, default=5.0, help="--export: safetensors shard size")
+    parser.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        if args.export:
+            config = export_checkpoint(args.src, args.dst, args.overwrite, int(args.max_shard_gb * 1024**3))
+        else:
+            config = import_checkpoint(args.src, args.dst, args.dtype, args.vision_config,
+                                       args.vision_variant, args.overwrite, progress=True)
+    except (ConversionError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} ({type(config).__name__}) in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
