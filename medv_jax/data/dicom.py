@@ -106,7 +106,9 @@ def _grayscale_to_uint8(pydicom: Any, ds: Any, values: np.ndarray, frame: int, w
     if window == "full":
         return rescale_to_uint8(values, float(values.min()), float(values.max()))
     if window not in (None, "auto"):
-        raise ValueError(f"unknown DICOM window {window!r}; use one of {sorted(NAMED_WINDOWS)}, 'full', 'auto' or (center, width)")
+        raise ValueError(
+            f"unknown DICOM window {window!r}; use one of {sorted(NAMED_WINDOWS)}, 'full', 'auto' or (center, width)"
+        )
     center = frame_attribute(ds, frame, "FrameVOILUTSequence", "WindowCenter")
     width = frame_attribute(ds, frame, "FrameVOILUTSequence", "WindowWidth")
     if center is not None and width is not None:

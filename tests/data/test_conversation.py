@@ -123,7 +123,8 @@ def test_placeholder_expansion_and_move_to_front(tokenizer):
 def test_placeholder_errors(tokenizer):
     with pytest.raises(ValueError, match="dlg-2.*no image token count"):
         conv.format_conversation(TWO_TURNS, tokenizer)
-    rec = dict(TWO_TURNS, conversations=[{"from": "human", "value": "<image> a <image>"}, {"from": "gpt", "value": "b"}])
+    two = [{"from": "human", "value": "<image> a <image>"}, {"from": "gpt", "value": "b"}]
+    rec = dict(TWO_TURNS, conversations=two)
     with pytest.raises(ValueError, match="found 2"):
         conv.format_conversation(rec, tokenizer, num_image_tokens=5)
     rec = dict(TWO_TURNS, conversations=[{"from": "human", "value": "no image"}, {"from": "gpt", "value": "b"}])
@@ -165,7 +166,9 @@ def test_truncation_keeps_image_whole(tokenizer):
     # longer than the sequence: unchanged
     assert conv.truncate_sample(full, len(full)) is full
     # cut in the text after the image: plain tail cut, like the reference
-    cut = conv.format_conversation(TWO_TURNS, tokenizer, num_image_tokens=50, system_prompt=None, max_length=img[-1] + 4)
+    cut = conv.format_conversation(
+        TWO_TURNS, tokenizer, num_image_tokens=50, system_prompt=None, max_length=img[-1] + 4
+    )
     assert len(cut) == img[-1] + 4
     np.testing.assert_array_equal(cut.input_ids, full.input_ids[: img[-1] + 4])
     np.testing.assert_array_equal(cut.labels, full.labels[: img[-1] + 4])

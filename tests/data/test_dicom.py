@@ -112,7 +112,8 @@ def test_colour_and_palette_dicom():
 def test_dcm_path_anywhere_an_image_is_accepted():
     got = image_lib.preprocess_image(CT, "anyres_max_4", dicom_window="lung")
     assert got.pixels.shape == (2, 384, 384, 3)  # 128 x 128: base view + a 1x1 grid
-    np.testing.assert_array_equal(np.asarray(image_io.load_image(CT, dicom_window="lung")), np.asarray(dicom.read_dicom(CT, window="lung")))
+    via_loader = np.asarray(image_io.load_image(CT, dicom_window="lung"))
+    np.testing.assert_array_equal(via_loader, np.asarray(dicom.read_dicom(CT, window="lung")))
 
 
 def test_errors_name_the_file(tmp_path, monkeypatch):

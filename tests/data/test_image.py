@@ -167,7 +167,7 @@ def test_unreadable_files_name_the_file(tmp_path):
         image_lib.preprocess_image(str(bad), "square")
     with pytest.raises(image_io.ImageReadError, match="missing.jpg"):
         image_io.load_image(tmp_path / "missing.jpg")
-    good = save(Image.fromarray(np.zeros((64, 64, 3), np.uint8)), tmp_path / "t.png")
+    save(Image.fromarray(np.zeros((64, 64, 3), np.uint8)), tmp_path / "t.png")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes((tmp_path / "t.png").read_bytes()[:60])
     with pytest.raises(image_io.ImageReadError, match="truncated.png"):
