@@ -72,6 +72,12 @@ DEFAULT_WORDS: tuple[str, ...] = tuple(
 )
 
 
+def compact_special_tokens() -> list[str]:
+    """The named special tokens (no reserved ones) in id order: what a compact tokenizer
+    (`build_test_tokenizer(..., special_ids_base=...)`) places at consecutive ids."""
+    return [_NAMED_SPECIALS[i] for i in sorted(_NAMED_SPECIALS)]
+
+
 def _byte_alphabet() -> list[str]:
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -108,6 +114,7 @@ def build_test_tokenizer(
     *,
     extra_words: Sequence[str] = (),
     fill_vocab: bool = False,
+    special_ids_base: int | None = None,
 ) -> str:
     """Writes a small LLaDA-compatible tokenizer folder into `out_dir` and returns its path.
 
@@ -118,6 +125,11 @@ def build_test_tokenizer(
       extra_words: added to `words` (e.g. a synthetic data set's vocabulary).
       fill_vocab: fill every unused id below 126080 with a placeholder so the vocabulary has the
         release's 126349 entries.
+      special_ids_base: None (default) keeps the release ids. An int gives a *compact* tokenizer
+        (e.g. for a tiny CPU demo model): only the named special tokens (`compact_special_tokens()`,
+        no reserved ones) at consecutive ids from max(special_ids_base, number of byte/word
+        entries), so `0` places them right after the words and the whole vocabulary is a few
+        hundred ids. Code reading ids with `tokenizer.special_token_ids` works unchanged.
 
     Byte symbols take ids 0..255, word forms follow in a fixed order, special tokens sit at their
     real ids; the same arguments always give the same files.
@@ -132,10 +144,16 @@ def build_test_tokenizer(
             vocab[piece] = len(vocab)
     if len(vocab) >= FIRST_SPECIAL_ID:
         raise ValueError(f"too many words: {len(vocab)} ids collide with the special ids")
+    if fill_vocab and special_ids_base is not None:
+        raise ValueError("fill_vocab and special_ids_base exclude each other")
     if fill_vocab:
         for i in range(len(vocab), FIRST_SPECIAL_ID):
             vocab[f"<|placeholder_{i}|>"] = i
-    specials = special_tokens()
+    if special_ids_base is None:
+        specials = special_tokens()
+    else:
+        base = max(int(special_ids_base), len(vocab))
+        specials = {base + k: s for k, s in enumerate(compact_special_tokens())}
     for i, s in specials.items():
         vocab[s] = i
 

@@ -1,0 +1,459 @@
+"""An embedded synthetic medical-VQA set: procedurally drawn grayscale "scans", generated on the fly.
+
+Nothing is downloaded or stored: record `i` of a split is drawn deterministically from
+`(seed, split, i)` (a numpy SeedSequence), so train and test never share a random stream.
+
+What a scan shows (all large and high-contrast, so a tiny tower sees it at 64 x 64 pixels):
+
+* modality ("ct", "mri", "x-ray"), told apart by global appearance:
+  CT: black background, smooth flat tissue (faint noise), very bright bone, sharp edges.
+  MRI: black background, grainy tissue with a coarse blotchy texture and a left-to-right bias
+  field, dark bone (skull), bright lesions.
+  X-ray: grey background with a vertical gradient, blurred edges, vertical streaks, bright bone.
+* body region ("brain", "chest", "abdomen"), as a shape: a tall oval head with a skull ring and
+  ventricles; a wide chest with two large dark lungs, a heart and the spine; a wide abdomen with a big
+  liver on the image's left, two kidneys and the spine.
+* 0 to 3 lesions: bright discs (small or large), each in the left or the right half of the image
+  (at most 2 per side). "left"/"right" are the IMAGE's left and right (not the patient's).
+
+Questions (one question-answer pair per record):
+
+* closed (yes/no), e.g. "Is this an MRI scan?", "Is there a lesion on the left side?". Records
+  2k and 2k+1 ask the same question with opposite answers (the answer is fixed first and the scene
+  drawn conditioned on it), so every question string is answered "yes" exactly half the time
+  (over whole pairs) and the question alone predicts nothing.
+* open, with short answers drawn uniformly over their answer set first, the same way: modality,
+  region, lesion side ("left"/"right"/"both"), lesion count ("none".."three").
+* captions for stage 1 ("MRI scan of the chest with one large lesion on the left side.").
+
+Records are LLaVA records::
+
+    {"id": "synth-train-17", "image": <PIL.Image mode "L">,
+     "conversations": [{"from": "human", "value": "<image>\\nIs this an MRI scan?"},
+                       {"from": "gpt", "value": "yes"}],
+     "answer_type": "closed", "question_type": "modality", "template": "Is this an MRI scan?",
+     "meta": {"modality": "mri", "region": "chest", "lesions": [...]}}
+
+`vocabulary()` lists every word used (lowercase), so a tokenizer can give each one a single token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+MODALITIES = ("ct", "mri", "x-ray")
+REGIONS = ("brain", "chest", "abdomen")
+SIDES = ("left", "right")
+SIZES = ("small", "large")
+MAX_LESIONS = 3
+MAX_PER_SIDE = 2
+COUNT_WORDS = ("none", "one", "two", "three")
+
+_MODALITY_DISPLAY = {"ct": "CT", "mri": "MRI", "x-ray": "X-ray"}
+_SPLIT_CODES = {"train": 0, "test": 1, "validation": 2, "val": 2}
+_PAIR_STREAM = 7919  # 4th seed word: the per-pair stream never equals a per-record one
+
+# Label map values used while drawing.
+_BG, _BODY, _BONE, _AIR, _ORGAN, _LESION = range(6)
+
+# Lesion geometry in unit coordinates (x right, y down); radii for 'small' / 'large'.
+_LESION_RADIUS = {"small": (0.065, 0.075), "large": (0.105, 0.12)}
+_LESION_X = {"left": (0.27, 0.40), "right": (0.60, 0.73)}
+_LESION_Y = (0.30, 0.70)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenes
+
+
+@dataclasses.dataclass(frozen=True)
+class Lesion:
+    x: float  # centre, unit coordinates
+    y: float
+    radius: float
+    side: str  # "left" | "right" (image side)
+    size: str  # "small" | "large"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    modality: str
+    region: str
+    lesions: tuple[Lesion, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.lesions)
+
+    def has_lesion_on(self, side: str) -> bool:
+        return any(l.side == side for l in self.lesions)
+
+    @property
+    def lesion_side(self) -> str | None:
+        """"left", "right", "both", or None without lesions."""
+        sides = {l.side for l in self.lesions}
+        if not sides:
+            return None
+        return sides.pop() if len(sides) == 1 else "both"
+
+    def without_lesions(self) -> "Scene":
+        return dataclasses.replace(self, lesions=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality,
+            "region": self.region,
+            "lesions": [dataclasses.asdict(l) for l in self.lesions],
+        }
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """A scene from the prior: modality, region uniform; 0..3 lesions uniform, sides uniform with at
+    most 2 per side, sizes uniform, non-overlapping positions."""
+    modality = MODALITIES[rng.integers(len(MODALITIES))]
+    region = REGIONS[rng.integers(len(REGIONS))]
+    count = int(rng.integers(MAX_LESIONS + 1))
+    while True:
+        sides = [SIDES[i] for i in rng.integers(2, size=count)]
+        if all(sides.count(s) <= MAX_PER_SIDE for s in SIDES):
+            break
+    lesions: list[Lesion] = []
+    for side in sides:
+        size = SIZES[rng.integers(2)]
+        r = float(rng.uniform(*_LESION_RADIUS[size]))
+        for _ in range(200):
+            x = float(rng.uniform(*_LESION_X[side]))
+            y = float(rng.uniform(*_LESION_Y))
+            if all(np.hypot(x - o.x, y - o.y) >= r + o.radius + 0.03 for o in lesions):
+                break
+        lesions.append(Lesion(x, y, r, side, size))
+    return Scene(modality, region, tuple(lesions))
+
+
+def sample_scene_where(rng: np.random.Generator, predicate, max_tries: int = 10_000) -> Scene:
+    """Rejection sampling from the prior: the first scene with `predicate(scene)` true."""
+    for _ in range(max_tries):
+        scene = sample_scene(rng)
+        if predicate(scene):
+            return scene
+    raise RuntimeError("no scene satisfies the constraint")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _ellipse(xx, yy, cx, cy, rx, ry):
+    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+
+
+def _label_map(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [size, size] map of tissue classes; slight random jitter of the anatomy."""
+    c = (np.arange(size) + 0.5) / size
+    xx, yy = np.meshgrid(c, c)
+    j = lambda s=0.02: float(rng.uniform(-s, s))  # noqa: E731
+    lab = np.full((size, size), _BG, np.uint8)
+    cx, cy = 0.5 + j(0.015), 0.5 + j(0.015)
+    if scene.region == "brain":
+        rx, ry = 0.40 + j(), 0.45 + j()
+        outer = _ellipse(xx, yy, cx, cy, rx, ry)
+        inner = _ellipse(xx, yy, cx, cy, rx - 0.06, ry - 0.06)
+        lab[outer] = _BONE
+        lab[inner] = _BODY
+        for dx in (-0.07, 0.07):  # ventricles
+            lab[_ellipse(xx, yy, cx + dx, cy - 0.02, 0.04, 0.12)] = _ORGAN
+        interior = inner
+    elif scene.region == "chest":
+        rx, ry = 0.47 + j(), 0.36 + j()
+        body = _ellipse(xx, yy, cx, cy, rx, ry)
+        lab[body] = _BODY
+        for dx in (-0.19, 0.19):  # lungs
+            lab[_ellipse(xx, yy, cx + dx, cy - 0.02, 0.15 + j(0.01), 0.25 + j(0.01))] = _AIR
+        lab[_ellipse(xx, yy, cx + 0.02, cy + 0.08, 0.09, 0.09)] = _ORGAN  # heart
+        lab[_ellipse(xx, yy, cx, cy + 0.29, 0.09, 0.03)] = _BONE  # vertebra (flat, not a disc)
+        interior = body
+    else:  # abdomen
+        rx, ry = 0.45 + j(), 0.40 + j()
+        body = _ellipse(xx, yy, cx, cy, rx, ry)
+        lab[body] = _BODY
+        lab[_ellipse(xx, yy, cx - 0.15, cy - 0.1, 0.2 + j(0.01), 0.16 + j(0.01))] = _ORGAN  # liver
+        for dx in (-0.2, 0.2):  # kidneys
+            lab[_ellipse(xx, yy, cx + dx, cy + 0.18, 0.06, 0.09)] = _ORGAN
+        lab[_ellipse(xx, yy, cx, cy + 0.3, 0.09, 0.03)] = _BONE  # vertebra (flat, not a disc)
+        interior = body
+    for l in scene.lesions:
+        lab[_ellipse(xx, yy, l.x, l.y, l.radius, l.radius) & interior] = _LESION
+    return lab
+
+
+# Intensity of each tissue class per modality: bg, body, bone, air, organ, lesion.
+_INTENSITY = {
+    "ct": np.array([0.0, 0.42, 0.97, 0.06, 0.58, 0.9], np.float32),
+    "mri": np.array([0.0, 0.5, 0.15, 0.06, 0.28, 1.0], np.float32),
+    "x-ray": np.array([0.3, 0.5, 0.9, 0.22, 0.6, 0.95], np.float32),
+}
+
+
+def _upsampled_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth noise: a cells x cells grid of N(0,1) bilinearly upsampled to size x size."""
+    g = rng.standard_normal((cells, cells)).astype(np.float32)
+    img = Image.fromarray(g, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, np.float32)
+
+
+def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [size, size] grayscale scan of `scene`. Textures and anatomy jitter come from `rng`;
+    the same rng state gives the same pixels (so a scene and its lesion-free twin can be compared)."""
+    lab = _label_map(scene, size, rng)
+    x = _INTENSITY[scene.modality][lab]
+    fine = rng.standard_normal((size, size)).astype(np.float32)
+    coarse = _upsampled_noise(rng, size, max(2, size // 8))
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    if scene.modality == "ct":
+        x = x + 0.012 * fine * (lab != _BG)
+    elif scene.modality == "mri":
+        inside = lab != _BG
+        bias = 0.8 + 0.4 * c[None, :]  # left-to-right bias field
+        x = (x * (1.0 + 0.2 * coarse) * bias + 0.07 * fine) * inside
+    else:  # x-ray: projection look
+        x = x + 0.25 * (c[:, None] - 0.5)  # vertical gradient
+        streaks = rng.standard_normal(size).astype(np.float32)
+        x = x + 0.06 * streaks[None, :] + 0.02 * fine
+    x = np.clip(x, 0.0, 1.0)
+    img = (x * 255.0 + 0.5).astype(np.uint8)
+    if scene.modality == "x-ray":
+        img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=size / 64.0)))
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# Questions
+
+
+@dataclasses.dataclass(frozen=True)
+class ClosedQuestion:
+    """A yes/no question string and its truth function."""
+
+    family: str
+    text: str
+    truth: Any  # Callable[[Scene], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenQuestion:
+    """A question string, its answer set and the answer function (None: not askable here)."""
+
+    family: str
+    text: str
+    answers: tuple[str, ...]
+    answer: Any  # Callable[[Scene], str | None]
+
+
+def _closed_questions() -> tuple[ClosedQuestion, ...]:
+    qs = [
+        ClosedQuestion("modality", "Is this a CT scan?", lambda s: s.modality == "ct"),
+        ClosedQuestion("modality", "Is this an MRI scan?", lambda s: s.modality == "mri"),
+        ClosedQuestion("modality", "Is this an X-ray?", lambda s: s.modality == "x-ray"),
+        ClosedQuestion("region", "Does this image show the brain?", lambda s: s.region == "brain"),
+        ClosedQuestion("region", "Does this image show the chest?", lambda s: s.region == "chest"),
+        ClosedQuestion("region", "Does this image show the abdomen?", lambda s: s.region == "abdomen"),
+        ClosedQuestion("presence", "Is there a lesion?", lambda s: s.count > 0),
+        ClosedQuestion("normal", "Is this scan normal?", lambda s: s.count == 0),
+        ClosedQuestion("side", "Is there a lesion on the left side?", lambda s: s.has_lesion_on("left")),
+        ClosedQuestion("side", "Is there a lesion on the right side?", lambda s: s.has_lesion_on("right")),
+        ClosedQuestion("multiple", "Is there more than one lesion?", lambda s: s.count > 1),
+    ]
+    return tuple(qs)
+
+
+def _open_questions() -> tuple[OpenQuestion, ...]:
+    return (
+        OpenQuestion("modality", "What modality is this?", MODALITIES, lambda s: s.modality),
+        OpenQuestion("region", "Which part of the body is shown?", REGIONS, lambda s: s.region),
+        OpenQuestion("side", "On which side is the lesion?", ("left", "right", "both"), lambda s: s.lesion_side),
+        OpenQuestion("count", "How many lesions are there?", COUNT_WORDS, lambda s: COUNT_WORDS[s.count]),
+    )
+
+
+CLOSED_QUESTIONS = _closed_questions()
+OPEN_QUESTIONS = _open_questions()
+CLOSED_FAMILIES = tuple(dict.fromkeys(q.family for q in CLOSED_QUESTIONS))
+OPEN_FAMILIES = tuple(dict.fromkeys(q.family for q in OPEN_QUESTIONS))
+
+
+def caption(scene: Scene) -> str:
+    """Short description, e.g. "CT scan of the chest with two lesions on the right side."."""
+    head = f"{_MODALITY_DISPLAY[scene.modality]} scan of the {scene.region}"
+    n = scene.count
+    if n == 0:
+        return f"{head} with no lesions."
+    side = scene.lesion_side
+    where = "on both sides" if side == "both" else f"on the {side} side"
+    if n == 1:
+        return f"{head} with one {scene.lesions[0].size} lesion {where}."
+    sizes = {l.size for l in scene.lesions}
+    size = f" {sizes.pop()}" if len(sizes) == 1 else ""
+    return f"{head} with {COUNT_WORDS[n]}{size} lesions {where}."
+
+
+# ----------------------------------------------------------------------------------------------
+# The data source
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """How records are drawn.
+
+    task: "vqa" (question-answer records) or "caption" (stage-1 caption records).
+    image_size: side of the drawn scan in pixels (draw at the tower's resolution, e.g. 64).
+    closed_fraction: probability that a vqa record asks a closed question.
+    closed_families / open_families: which question families to ask (see CLOSED_FAMILIES,
+      OPEN_FAMILIES); a family is drawn uniformly, then a question of it uniformly.
+    """
+
+    task: str = "vqa"
+    image_size: int = 64
+    closed_fraction: float = 0.5
+    closed_families: tuple[str, ...] = CLOSED_FAMILIES
+    open_families: tuple[str, ...] = OPEN_FAMILIES
+
+    def __post_init__(self):
+        if self.task not in ("vqa", "caption"):
+            raise ValueError(f"task must be 'vqa' or 'caption', got {self.task!r}")
+        for f in self.closed_families:
+            if f not in CLOSED_FAMILIES:
+                raise ValueError(f"unknown closed family {f!r}; known: {CLOSED_FAMILIES}")
+        for f in self.open_families:
+            if f not in OPEN_FAMILIES:
+                raise ValueError(f"unknown open family {f!r}; known: {OPEN_FAMILIES}")
+        if not 0.0 <= self.closed_fraction <= 1.0:
+            raise ValueError("closed_fraction must be in [0, 1]")
+        if self.closed_fraction > 0 and not self.closed_families:
+            raise ValueError("closed questions requested but no closed family given")
+        if self.closed_fraction < 1 and not self.open_families:
+            raise ValueError("open questions requested but no open family given")
+
+
+class SyntheticMedVQA:
+    """Random-access source of synthetic LLaVA records (grain's RandomAccessDataSource protocol).
+
+    `SyntheticMedVQA("train", 20000, seed=0)[i]` is the same record every time, on every host.
+    Splits draw from disjoint random streams (`(seed, split code, i)`).
+    """
+
+    def __init__(self, split: str = "train", size: int = 10_000, *, seed: int = 0,
+                 config: SyntheticConfig | None = None, **config_kwargs: Any):
+        if split not in _SPLIT_CODES:
+            raise ValueError(f"unknown split {split!r}; known: {tuple(_SPLIT_CODES)}")
+        if config is not None and config_kwargs:
+            raise ValueError("pass either config or config keywords")
+        self.split = split
+        self.size = int(size)
+        self.seed = int(seed)
+        self.config = config or SyntheticConfig(**config_kwargs)
+        fams = self.config.closed_families
+        self._closed = {f: [q for q in CLOSED_QUESTIONS if q.family == f] for f in fams}
+        self._open = {f: [q for q in OPEN_QUESTIONS if q.family == f] for f in self.config.open_families}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"SyntheticMedVQA(split={self.split!r}, size={self.size}, seed={self.seed}, config={self.config})"
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SPLIT_CODES[self.split], int(index)])
+
+    def describe(self, index: int) -> dict[str, Any]:
+        """Record `index` without its image: the scene and the question-answer fields (cheap; the
+        image is `render_scene(describe(i)["scene"], image_size, <the rng left after this>)`)."""
+        return self._describe(int(index), self.rng(int(index)))
+
+    def _describe(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} records")
+        if self.config.task == "caption":
+            scene = sample_scene(rng)
+            return dict(scene=scene, question="Describe the image briefly.", answer=caption(scene),
+                        answer_type="caption", question_type="caption")
+        # Records 2k and 2k+1 form a pair: same question, opposite closed answers (drawn from a
+        # pair stream), so every closed question is answered yes exactly as often as no.
+        pair = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index // 2, _PAIR_STREAM])
+        if pair.uniform() < self.config.closed_fraction:
+            fams = list(self._closed)
+            qs = self._closed[fams[pair.integers(len(fams))]]
+            q = qs[pair.integers(len(qs))]
+            want = bool(pair.integers(2) ^ (index % 2))
+            scene = sample_scene_where(rng, lambda s: q.truth(s) == want)
+            answer, answer_type = ("yes" if want else "no"), "closed"
+        else:
+            fams = list(self._open)
+            qs = self._open[fams[pair.integers(len(fams))]]
+            q = qs[pair.integers(len(qs))]
+            answer = q.answers[rng.integers(len(q.answers))]
+            scene = sample_scene_where(rng, lambda s: q.answer(s) == answer)
+            answer_type = "open"
+        return dict(scene=scene, question=q.text, answer=answer, answer_type=answer_type, question_type=q.family)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        rng = self.rng(index)
+        d = self._describe(index, rng)
+        pixels = render_scene(d["scene"], self.config.image_size, rng)
+        return {
+            "id": f"synth-{self.split}-{index}",
+            "image": Image.fromarray(pixels, mode="L"),
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{d['question']}"},
+                {"from": "gpt", "value": d["answer"]},
+            ],
+            "answer_type": d["answer_type"],
+            "question_type": d["question_type"],
+            "template": d["question"],
+            "meta": d["scene"].to_dict(),
+        }
+
+
+def make_splits(train_size: int = 20_000, test_size: int = 500, *, seed: int = 0,
+                **config_kwargs: Any) -> tuple[SyntheticMedVQA, SyntheticMedVQA]:
+    """(train, test) sources with the same config and disjoint random streams."""
+    return (SyntheticMedVQA("train", train_size, seed=seed, **config_kwargs),
+            SyntheticMedVQA("test", test_size, seed=seed, **config_kwargs))
+
+
+def vocabulary(include_chat_roles: bool = True) -> list[str]:
+    """Every word (lowercase, letters only) of the questions, answers, captions and prompts.
+
+    Texts split at non-letters ("X-ray" -> "x", "ray"); `include_chat_roles` adds the chat
+    template's role words (system, user, assistant). Sorted, no duplicates.
+    """
+    texts: list[str] = ["Describe the image briefly.", "yes no"]
+    texts += [q.text for q in CLOSED_QUESTIONS] + [q.text for q in OPEN_QUESTIONS]
+    texts += [" ".join(q.answers) for q in OPEN_QUESTIONS]
+    texts += list(_MODALITY_DISPLAY.values()) + list(SIZES) + list(COUNT_WORDS)
+    texts += ["scan of the with no lesions lesion one on the both sides side"]
+    if include_chat_roles:
+        texts += ["system user assistant"]
+    words = set()
+    for t in texts:
+        words.update(w.lower() for w in re.findall(r"[A-Za-z]+", t))
+    return sorted(words)
+
+
+def all_answers() -> dict[str, tuple[str, ...]]:
+    """Answer set of each open family, plus ("yes", "no") for "closed"."""
+    out = {q.family: q.answers for q in OPEN_QUESTIONS}
+    out["closed"] = ("yes", "no")
+    return out
+
+
+__all__: Sequence[str] = (
+    "SyntheticMedVQA", "SyntheticConfig", "Scene", "Lesion", "make_splits", "vocabulary", "caption",
+    "render_scene", "sample_scene", "sample_scene_where", "CLOSED_QUESTIONS", "OPEN_QUESTIONS",
+    "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers",
+)

@@ -1,0 +1,205 @@
+"""The embedded synthetic medical-VQA set and the compact demo tokenizer."""
+import re
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medv_jax.data import conversation as conv
+from medv_jax.data import synthetic as S
+from medv_jax.data import testing
+from medv_jax.data import tokenizer as tok_lib
+
+
+def test_records_are_deterministic_and_splits_differ():
+    a, b = S.SyntheticMedVQA("train", 50, seed=3), S.SyntheticMedVQA("train", 50, seed=3)
+    for i in (0, 7, 49):
+        ra, rb = a[i], b[i]
+        assert ra["id"] == f"synth-train-{i}"
+        assert ra["conversations"] == rb["conversations"] and ra["meta"] == rb["meta"]
+        assert np.array_equal(np.asarray(ra["image"]), np.asarray(rb["image"]))
+    test = S.SyntheticMedVQA("test", 50, seed=3)
+    other_seed = S.SyntheticMedVQA("train", 50, seed=4)
+    imgs = lambda src: {np.asarray(src[i]["image"]).tobytes() for i in range(20)}  # noqa: E731
+    assert not imgs(a) & imgs(test) and not imgs(a) & imgs(other_seed)
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_record_format():
+    r = S.SyntheticMedVQA("train", 10, image_size=64)[0]
+    assert isinstance(r["image"], Image.Image) and r["image"].mode == "L" and r["image"].size == (64, 64)
+    (h, g) = r["conversations"]
+    assert h["from"] == "human" and h["value"].startswith("<image>\n") and g["from"] == "gpt"
+    assert r["answer_type"] in ("closed", "open")
+    assert r["template"] == h["value"].split("\n", 1)[1]
+    cap = S.SyntheticMedVQA("train", 10, task="caption")[3]
+    assert cap["answer_type"] == "caption" and cap["conversations"][1]["value"].endswith(".")
+    assert cap["conversations"][1]["value"] == S.caption(S.Scene(**{**cap["meta"], "lesions": tuple(
+        S.Lesion(**l) for l in cap["meta"]["lesions"])}))
+
+
+def test_closed_answers_balanced_per_question_and_open_answers_uniform():
+    src = S.SyntheticMedVQA("train", 3000, seed=0)
+    yes = defaultdict(list)
+    open_answers = defaultdict(Counter)
+    for i in range(len(src)):
+        d = src.describe(i)
+        if d["answer_type"] == "closed":
+            yes[d["question"]].append(d["answer"] == "yes")
+        else:
+            open_answers[d["question"]][d["answer"]] += 1
+    assert set(yes) == {q.text for q in S.CLOSED_QUESTIONS}
+    for q, v in yes.items():
+        assert len(v) >= 50, q
+        assert 0.4 <= np.mean(v) <= 0.6, (q, np.mean(v))  # the question alone predicts nothing
+        assert np.mean(v) == 0.5  # exactly: records 2k, 2k+1 ask it with opposite answers
+    for q in S.OPEN_QUESTIONS:
+        counts = open_answers[q.text]
+        assert set(counts) == set(q.answers), q.text
+        top = max(counts.values()) / sum(counts.values())
+        assert top < 1.6 / len(q.answers), (q.text, counts)
+
+
+def test_answers_are_true_of_the_scene():
+    src = S.SyntheticMedVQA("train", 600, seed=1)
+    by_text = {q.text: q for q in S.CLOSED_QUESTIONS + S.OPEN_QUESTIONS}
+    for i in range(len(src)):
+        d = src.describe(i)
+        q = by_text[d["question"]]
+        if d["answer_type"] == "closed":
+            assert q.truth(d["scene"]) == (d["answer"] == "yes")
+        else:
+            assert q.answer(d["scene"]) == d["answer"]
+        assert all(l.side == ("left" if l.x < 0.5 else "right") for l in d["scene"].lesions)
+        assert len(d["scene"].lesions) <= S.MAX_LESIONS
+
+
+def _lesion_disks(scene, size):
+    c = (np.arange(size) + 0.5) / size
+    xx, yy = np.meshgrid(c, c)
+    m = np.zeros((size, size), bool)
+    for l in scene.lesions:
+        m |= (xx - l.x) ** 2 + (yy - l.y) ** 2 <= (0.7 * l.radius) ** 2
+    return m
+
+
+@pytest.mark.parametrize("modality", S.MODALITIES)
+def test_lesions_are_visible_on_their_side(modality):
+    """A scene and its lesion-free twin (same texture draws) differ only at the lesions, strongly,
+    on the side the answer names."""
+    rng = np.random.default_rng(5)
+    checked = 0
+    for k in range(40):
+        scene = S.sample_scene_where(rng, lambda s: s.modality == modality and s.lesion_side in ("left", "right"))
+        with_l = S.render_scene(scene, 64, np.random.default_rng(k)).astype(np.float32)
+        without = S.render_scene(scene.without_lesions(), 64, np.random.default_rng(k)).astype(np.float32)
+        diff = np.abs(with_l - without)
+        half = diff[:, :32] if scene.lesion_side == "left" else diff[:, 32:]
+        assert half.sum() >= 0.97 * diff.sum()
+        inside = _lesion_disks(scene, 64)
+        assert diff[inside].mean() > 60, (modality, k, diff[inside].mean())  # out of 255
+        checked += 1
+    assert checked == 40
+
+
+def _features(img):
+    x = np.asarray(img, np.float32) / 255.0
+    lap = np.abs(4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:])
+    roughness = np.median(lap[x[1:-1, 1:-1] > 0.05])  # grain of the tissue
+    return np.array([roughness, (x < 0.02).mean(), x[:4].mean()])
+
+
+def _nearest_centroid_accuracy(feats, labels, n_train):
+    feats = (feats - feats[:n_train].mean(0)) / (feats[:n_train].std(0) + 1e-6)
+    classes = sorted(set(labels))
+    cents = np.stack([feats[:n_train][np.asarray(labels[:n_train]) == c].mean(0) for c in classes])
+    pred = np.argmin(((feats[n_train:, None] - cents[None]) ** 2).sum(-1), axis=1)
+    return np.mean([classes[p] == l for p, l in zip(pred, labels[n_train:])])
+
+
+def test_modality_and_region_are_visible_at_64_pixels():
+    """Crude learnability proxy: a nearest-centroid classifier on a few pixel statistics (modality)
+    or on an 8x8 thumbnail (region) is already near perfect."""
+    src = S.SyntheticMedVQA("train", 400, seed=2)
+    recs = [src[i] for i in range(300)]
+    mod = [r["meta"]["modality"] for r in recs]
+    reg = [r["meta"]["region"] for r in recs]
+    f_mod = np.stack([_features(r["image"]) for r in recs])
+    thumbs = np.stack([np.asarray(r["image"].resize((8, 8), Image.Resampling.BOX), np.float32).ravel() for r in recs])
+    assert _nearest_centroid_accuracy(f_mod, mod, 200) >= 0.95
+    for m in S.MODALITIES:  # region from the shape, within one modality
+        sel = [i for i, x in enumerate(mod) if x == m]
+        n_train = 2 * len(sel) // 3
+        assert _nearest_centroid_accuracy(thumbs[sel], [reg[i] for i in sel], n_train) >= 0.9, m
+
+
+def test_vocabulary_covers_every_text():
+    vocab = set(S.vocabulary())
+    assert {"system", "user", "assistant", "yes", "no", "ct", "mri", "x", "ray", "left", "right"} <= vocab
+    assert len(vocab) < 80
+    texts = []
+    for task in ("vqa", "caption"):
+        src = S.SyntheticMedVQA("train", 300, task=task)
+        texts += [m["value"].replace("<image>", "") for i in range(300) for m in src[i]["conversations"]]
+    words = {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)}
+    assert words <= vocab, words - vocab
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown closed family"):
+        S.SyntheticConfig(closed_families=("nope",))
+    with pytest.raises(ValueError, match="split"):
+        S.SyntheticMedVQA("dev", 3)
+    src = S.SyntheticMedVQA("train", 200, closed_fraction=1.0, closed_families=("modality",))
+    assert {src.describe(i)["question_type"] for i in range(200)} == {"modality"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The compact-id tokenizer for the CPU demo
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory):
+    return testing.load_test_tokenizer(
+        tmp_path_factory.mktemp("compact"), words=S.vocabulary(), special_ids_base=0
+    )
+
+
+def test_compact_tokenizer_ids_are_small_and_contiguous(compact):
+    ids = tok_lib.special_token_ids(compact)
+    vocab = compact.get_vocab()
+    assert max(vocab.values()) + 1 == len(compact) == len(vocab) < 700
+    specials = testing.compact_special_tokens()
+    first = min(ids.bos, ids.eos, ids.mask, ids.eot)
+    assert [compact.convert_tokens_to_ids(s) for s in specials] == list(range(first, first + len(specials)))
+    assert first + len(specials) == len(compact)  # right after the byte and word entries
+    assert ids.pad == ids.eos and len({ids.bos, ids.eos, ids.mask, ids.start_header, ids.end_header, ids.eot}) == 6
+
+
+def test_compact_tokenizer_round_trip(compact):
+    src = S.SyntheticMedVQA("train", 50)
+    for i in range(50):
+        for m in src[i]["conversations"]:
+            text = m["value"]
+            assert compact.decode(tok_lib.encode(compact, text)) == text
+    for w in S.vocabulary():
+        for form in (w, " " + w):
+            assert len(tok_lib.encode(compact, form)) == 1, form
+    r = src[0]
+    s = conv.format_conversation(r, compact, num_image_tokens=64, system_prompt=None)
+    ids = tok_lib.special_token_ids(compact)
+    assert s.input_ids[0] == ids.bos and s.input_ids[-1] == ids.eot
+    assert int(s.input_ids.max()) < len(compact)
+    assert compact.decode(s.input_ids[~s.image_mask], skip_special_tokens=True).endswith(
+        r["conversations"][1]["value"])
+
+
+def test_compact_base_and_release_layout_unchanged(tmp_path):
+    tok = testing.load_test_tokenizer(tmp_path / "a", words=["yes", "no"], special_ids_base=1000)
+    assert tok_lib.special_token_ids(tok).bos == 1000
+    release = testing.load_test_tokenizer(tmp_path / "b", words=["yes", "no"])
+    assert tok_lib.special_token_ids(release).bos == 126080
+    with pytest.raises(ValueError):
+        testing.build_test_tokenizer(tmp_path / "c", special_ids_base=0, fill_vocab=True)
