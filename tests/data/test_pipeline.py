@@ -1,0 +1,236 @@
+"""Records -> fixed-shape batches with grain: the batch contract, resume, shuffling, sharding."""
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medv_jax.data import conversation as conv
+from medv_jax.data import image as image_lib
+from medv_jax.data import pipeline as P
+from medv_jax.data import synthetic as S
+from medv_jax.data import testing
+from medv_jax.data import tokenizer as tok_lib
+from medv_jax.data.anyres import ImageConfig
+
+IMG64 = ImageConfig(crop_size=64, patches_per_side=8)  # 64 tokens per image
+B, T = 4, 96
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return testing.load_test_tokenizer(tmp_path_factory.mktemp("tok"), words=S.vocabulary(), special_ids_base=0)
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return tok_lib.special_token_ids(tok)
+
+
+def cfg(**kw):
+    base = dict(batch_size=B, max_length=T, prompt_length=90, image=IMG64, system_prompt=None)
+    return P.BatchConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def source():
+    return S.SyntheticMedVQA("train", 40, seed=0)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_batch_shapes_and_dtypes(tok, source):
+    batch = next(iter(P.make_loader(source, tok, cfg(), seed=0, shard_index=0, shard_count=1)))
+    want = {
+        "tokens": (np.int32, (B, T)),
+        "labels": (np.int32, (B, T)),
+        "key_mask": (np.bool_, (B, T)),
+        "pixels": (np.float32, (B, 1, 64, 64, 3)),
+        "image_index": (np.int32, (B, T, 4)),
+        "image_weight": (np.float32, (B, T, 4)),
+        "image_newline_mask": (np.bool_, (B, T)),
+    }
+    assert set(batch) == set(want) | {"example_id"} == set(P.TRAIN_KEYS)
+    for k, (dtype, shape) in want.items():
+        assert batch[k].dtype == dtype and batch[k].shape == shape, k
+    assert batch["example_id"].shape == (B,) and all(str(x).startswith("synth-train-") for x in batch["example_id"])
+
+
+def test_row_layout(tok, ids, source):
+    """Tokens/labels equal the formatter's, right-padded with LABELLED EOS; key_mask all True;
+    image slots hold PAD with identity taps into crop 0; pixels equal the preprocessing's."""
+    rec = source[3]
+    row = P.encode_example(rec, tok, cfg())
+    pre = image_lib.preprocess_image(rec["image"], IMG64)
+    s = conv.format_conversation(rec, tok, num_image_tokens=64, system_prompt=None)
+    n = len(s)
+    np.testing.assert_array_equal(row["tokens"][:n], s.input_ids)
+    np.testing.assert_array_equal(row["labels"][:n], s.labels)
+    assert (row["tokens"][n:] == ids.eos).all() and (row["labels"][n:] == ids.eos).all()
+    assert row["key_mask"].all()
+    slots = np.flatnonzero(s.image_mask)
+    assert slots.size == 64 and (row["tokens"][slots] == ids.pad).all() and (row["labels"][slots] == -100).all()
+    is_image = (row["image_weight"] != 0).any(-1) | row["image_newline_mask"]
+    np.testing.assert_array_equal(np.flatnonzero(is_image), slots)
+    np.testing.assert_array_equal(row["image_index"][slots, 0], np.arange(64))
+    assert (row["image_weight"][slots, 0] == 1).all() and (row["image_weight"][slots, 1:] == 0).all()
+    assert not row["image_index"][~is_image].any() and not row["image_weight"][~is_image].any()
+    np.testing.assert_array_equal(row["pixels"], pre.pixels)
+    # answer tokens are labelled: the assistant's "yes"/"no"... followed by <|eot_id|>
+    ans = tok_lib.encode(tok, rec["conversations"][1]["value"])
+    assert list(row["labels"][n - 1 - len(ans):n]) == ans + [ids.eot]
+    assert P.padding_fraction({"tokens": row["tokens"][None], "key_mask": row["key_mask"][None]}, ids.pad) == pytest.approx((T - n) / T)
+
+
+def test_resume_gives_same_next_batch(tok, source):
+    loader = P.make_loader(source, tok, cfg(), seed=7, shard_index=0, shard_count=1)
+    it = iter(loader)
+    take(it, 12)  # past one epoch (40 records / 4 per batch = 10 batches)
+    state = it.get_state()
+    want = take(it, 3)
+    it2 = iter(P.make_loader(source, tok, cfg(), seed=7, shard_index=0, shard_count=1))
+    it2.set_state(state)
+    got = take(it2, 3)
+    for a, b in zip(want, got):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_epochs_are_reshuffled_deterministically(tok, source):
+    def epoch_ids(seed, n_epochs=2):
+        loader = P.make_loader(source, tok, cfg(batch_size=8), seed=seed, num_epochs=n_epochs,
+                               shard_index=0, shard_count=1)
+        return [x for b in loader for x in b["example_id"]]
+
+    a = epoch_ids(1)
+    assert len(a) == 80
+    e1, e2 = a[:40], a[40:]
+    assert sorted(e1) == sorted(e2) == sorted(f"synth-train-{i}" for i in range(40))
+    assert e1 != e2 and e1 != sorted(e1, key=lambda x: int(x.rsplit("-", 1)[1]))
+    assert epoch_ids(1, 1) == e1
+    assert epoch_ids(2, 1) != e1
+
+
+def test_shards_are_disjoint(tok):
+    src = S.SyntheticMedVQA("train", 42, seed=0)
+    seen = []
+    for k in range(3):
+        loader = P.make_loader(src, tok, cfg(batch_size=2), seed=3, num_epochs=1, shard_index=k, shard_count=3)
+        seen.append({x for b in loader for x in b["example_id"]})
+    assert all(len(s) == 14 for s in seen)
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert len(seen[0] | seen[1] | seen[2]) == 42
+    with pytest.raises(ValueError):
+        P.make_loader(src, tok, cfg(), shard_index=3, shard_count=3)
+
+
+def _long_record(i):
+    words = " ".join(["lesion"] * 40)
+    return {"id": f"long-{i}", "image": Image.new("L", (64, 64), 30),
+            "conversations": [{"from": "human", "value": f"<image>\n{words}?"}, {"from": "gpt", "value": "no"}]}
+
+
+def test_too_long_raise_skip_truncate(tok, source, caplog):
+    records = [source[i] for i in range(6)]
+    records.insert(2, _long_record(0))
+    with pytest.raises(P.SampleTooLongError, match="long-0"):
+        list(P.make_loader(records, tok, cfg(batch_size=2), seed=0, num_epochs=1, shuffle=False,
+                           shard_index=0, shard_count=1))
+    with caplog.at_level(logging.WARNING):
+        out = list(P.make_loader(records, tok, cfg(batch_size=2, too_long="skip"), seed=0, num_epochs=1,
+                                 shuffle=False, shard_index=0, shard_count=1))
+    got = [x for b in out for x in b["example_id"]]
+    assert got == [f"synth-train-{i}" for i in range(6)]
+    assert "long-0" in caplog.text
+    row = P.encode_example(_long_record(1), tok, cfg(too_long="truncate"))
+    assert row["tokens"].shape == (T,) and (row["labels"] != row["tokens"]).any()
+    with pytest.raises(P.SampleTooLongError, match="long-2"):
+        P.encode_example(_long_record(2), tok, cfg(max_length=50, too_long="truncate"))  # cuts the image
+
+
+def test_last_partial_batch_filled_with_unlabelled_rows(tok, ids, source):
+    batches = list(P.make_loader(source, tok, cfg(batch_size=6), num_epochs=1, shuffle=False,
+                                 drop_remainder=False, shard_index=0, shard_count=1))
+    assert len(batches) == 7 and all(b["tokens"].shape == (6, T) for b in batches)
+    last = batches[-1]
+    assert list(last["example_id"][4:]) == ["", ""]
+    assert not last["key_mask"][4:].any() and (last["labels"][4:] == -100).all()
+    assert (last["tokens"][4:] == ids.pad).all() and not last["image_weight"][4:].any()
+    assert last["key_mask"][:4].all()
+    assert P.padding_fraction(last, ids.pad) > 2 / 6
+
+
+def test_prompt_batches(tok, ids):
+    src = S.SyntheticMedVQA("test", 5, seed=0)
+    c = cfg()
+    batches = list(P.make_prompt_batches(src, tok, c, batch_size=4))
+    assert len(batches) == 2
+    b = batches[0]
+    assert set(b) == set(P.PROMPT_KEYS)
+    assert b["tokens"].shape == (4, 90) and b["pixels"].shape == (4, 1, 64, 64, 3)
+    header = tok_lib.encode(tok, "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    for r in range(4):
+        rec = src[r]
+        km = b["key_mask"][r]
+        n = int(km.sum())
+        assert not km[:90 - n].any() and km[90 - n:].all()  # left padded
+        assert (b["tokens"][r, :90 - n] == ids.pad).all()
+        assert b["tokens"][r, 90 - n] == ids.bos
+        assert list(b["tokens"][r, -len(header):]) == header
+        assert b["answer"][r] == rec["conversations"][1]["value"]
+        assert b["answer_type"][r] == rec["answer_type"] and b["question"][r] == rec["template"]
+        is_image = (b["image_weight"][r] != 0).any(-1)
+        slots = np.flatnonzero(is_image)
+        assert slots.size == 64 and (b["tokens"][r, slots] == ids.pad).all() and km[slots].all()
+        np.testing.assert_array_equal(b["image_index"][r, slots, 0], np.arange(64))
+        # the prompt tokens equal the formatter's prompt (gpt turn removed, generation header added)
+        want = conv.format_conversation({**rec, "conversations": rec["conversations"][:1]}, tok, num_image_tokens=64,
+                                        system_prompt=None, add_generation_prompt=True)
+        np.testing.assert_array_equal(b["tokens"][r, 90 - n:], want.input_ids)
+    assert b["valid"].all()
+    last = batches[1]
+    assert list(last["valid"]) == [True, False, False, False] and not last["key_mask"][1:].any()
+    shard = [x for bb in P.make_prompt_batches(src, tok, c, batch_size=4, shard_index=1, shard_count=2)
+             for x, v in zip(bb["example_id"], bb["valid"]) if v]
+    assert shard == ["synth-test-1", "synth-test-3"]
+
+
+def test_caption_format_and_system_prompt(tok, ids):
+    src = S.SyntheticMedVQA("train", 8, task="caption")
+    b = next(iter(P.make_loader(src, tok, cfg(text_format="caption"), shuffle=False, shard_index=0, shard_count=1)))
+    assert (b["labels"][:, :64] == -100).all() and (b["image_weight"][:, :64, 0] == 1).all()
+    cap = src[0]["conversations"][1]["value"]
+    n = len(tok_lib.encode(tok, cap + "\n"))
+    assert tok.decode(b["labels"][0, 64:64 + n]) == cap + "\n"
+    assert (b["labels"][0, 64 + n:] == ids.eos).all()
+    # the medical system prompt (default) makes conversations longer; byte-level with this vocabulary
+    long_cfg = cfg(system_prompt=conv.MEDICAL_SYSTEM_PROMPT)
+    with pytest.raises(P.SampleTooLongError):
+        P.encode_example(S.SyntheticMedVQA("train", 2)[0], tok, long_cfg)
+
+
+def test_anyres_crops_and_layout(tok):
+    """anyres with small crops: crop c's features are rows c*N.., unused crop slots zero."""
+    img_cfg = ImageConfig(aspect_ratio="anyres_max_4", merge_type="spatial_unpad", crop_size=32,
+                          patches_per_side=4, grid_pinpoints=((32, 32), (64, 32), (32, 64), (64, 64)))
+    rec = {"id": "wide", "image": Image.new("RGB", (120, 50), (200, 10, 10)),
+           "conversations": [{"from": "human", "value": "<image>\nIs there a lesion?"}, {"from": "gpt", "value": "no"}]}
+    c = cfg(image=img_cfg, max_crops=5, max_length=128)
+    row = P.encode_example(rec, tok, c)
+    pre = image_lib.preprocess_image(rec["image"], img_cfg)
+    n = pre.pixels.shape[0]
+    assert n == 3 and row["pixels"].shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(row["pixels"][:n], pre.pixels)
+    assert not row["pixels"][n:].any()
+    used = row["image_index"][(row["image_weight"] != 0)]
+    assert used.max() < n * 16 and row["image_newline_mask"].sum() == pre.layout.newline.sum() > 0
+    with pytest.raises(P.SampleTooLongError, match="wide.*crops"):
+        P.encode_example(rec, tok, cfg(image=img_cfg, max_crops=2, max_length=128))
+
+
+def test_record_list_repr_is_stable(source):
+    recs = [source[i] for i in range(3)]
+    assert repr(P.RecordList(recs)) == repr(P.RecordList([dict(r) for r in recs]))
+    assert "0x" not in repr(P.RecordList(recs))
