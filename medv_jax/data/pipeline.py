@@ -29,10 +29,12 @@ given), so `it = iter(loader)` has `it.get_state()` / `it.set_state(state)` for 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -162,8 +164,8 @@ def _load_image(record: Mapping[str, Any], config: BatchConfig) -> _Image:
     return _Image(pixels, pre.layout)
 
 
-def _format(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig, num_image_tokens: int | None,
-            max_length: int | None, prompt: bool = False) -> conv.TokenizedSample:
+def _format_uncached(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig, num_image_tokens: int | None,
+                     max_length: int | None, prompt: bool) -> conv.TokenizedSample:
     if config.text_format == "caption" and not prompt:
         if num_image_tokens is None:
             raise ValueError(f"sample {conv.sample_id_of(record)}: a caption record needs an image")
@@ -172,6 +174,34 @@ def _format(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig, num_
         record, tokenizer, num_image_tokens=num_image_tokens, system_prompt=config.system_prompt,
         max_length=max_length, add_generation_prompt=prompt,
     )
+
+
+# Formatted samples by conversation text, per tokenizer: VQA sets repeat the same few questions and
+# answers, so tokenization mostly hits this cache. Bounded LRU, per process.
+_FORMAT_CACHE: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = weakref.WeakKeyDictionary()
+_FORMAT_CACHE_SIZE = 8192
+
+
+def _format(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig, num_image_tokens: int | None,
+            max_length: int | None, prompt: bool = False) -> conv.TokenizedSample:
+    try:
+        msgs = tuple((m.get("from", m.get("role")), m.get("value", m.get("content")))
+                     for m in record.get("conversations") or ())
+        key = (msgs, config.text_format, config.system_prompt, num_image_tokens, max_length, prompt)
+        hash(key)
+        cache = _FORMAT_CACHE.setdefault(tokenizer, collections.OrderedDict())
+    except TypeError:  # unhashable content or tokenizer: no caching
+        return _format_uncached(record, tokenizer, config, num_image_tokens, max_length, prompt)
+    sample = cache.get(key)
+    if sample is None:
+        sample = _format_uncached(record, tokenizer, config, num_image_tokens, max_length, prompt)
+        cache[key] = sample
+        if len(cache) > _FORMAT_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    sid = conv.sample_id_of(record)
+    return sample if sample.sample_id == sid else dataclasses.replace(sample, sample_id=sid)
 
 
 def _image_arrays(sample: conv.TokenizedSample, image: _Image, length: int, offset: int):

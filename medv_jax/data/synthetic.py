@@ -39,6 +39,7 @@ Records are LLaVA records::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -112,9 +113,8 @@ class Scene:
         }
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """A scene from the prior: modality, region uniform; 0..3 lesions uniform, sides uniform with at
-    most 2 per side, sizes uniform, non-overlapping positions."""
+def _sample_outline(rng: np.random.Generator) -> Scene:
+    """Modality, region, lesion count, sides and sizes from the prior; positions not yet drawn."""
     modality = MODALITIES[rng.integers(len(MODALITIES))]
     region = REGIONS[rng.integers(len(REGIONS))]
     count = int(rng.integers(MAX_LESIONS + 1))
@@ -122,25 +122,37 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         sides = [SIDES[i] for i in rng.integers(2, size=count)]
         if all(sides.count(s) <= MAX_PER_SIDE for s in SIDES):
             break
-    lesions: list[Lesion] = []
-    for side in sides:
-        size = SIZES[rng.integers(2)]
-        r = float(rng.uniform(*_LESION_RADIUS[size]))
+    lesions = tuple(Lesion(float("nan"), float("nan"), 0.0, side, SIZES[rng.integers(2)]) for side in sides)
+    return Scene(modality, region, lesions)
+
+
+def _place_lesions(scene: Scene, rng: np.random.Generator) -> Scene:
+    """Draws radius and a non-overlapping position for each lesion, in its side's half."""
+    placed: list[Lesion] = []
+    for l in scene.lesions:
+        r = float(rng.uniform(*_LESION_RADIUS[l.size]))
         for _ in range(200):
-            x = float(rng.uniform(*_LESION_X[side]))
+            x = float(rng.uniform(*_LESION_X[l.side]))
             y = float(rng.uniform(*_LESION_Y))
-            if all(np.hypot(x - o.x, y - o.y) >= r + o.radius + 0.03 for o in lesions):
+            if all((x - o.x) ** 2 + (y - o.y) ** 2 >= (r + o.radius + 0.03) ** 2 for o in placed):
                 break
-        lesions.append(Lesion(x, y, r, side, size))
-    return Scene(modality, region, tuple(lesions))
+        placed.append(Lesion(x, y, r, l.side, l.size))
+    return dataclasses.replace(scene, lesions=tuple(placed))
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """A scene from the prior: modality, region uniform; 0..3 lesions uniform, sides uniform with at
+    most 2 per side, sizes uniform, non-overlapping positions."""
+    return _place_lesions(_sample_outline(rng), rng)
 
 
 def sample_scene_where(rng: np.random.Generator, predicate, max_tries: int = 10_000) -> Scene:
-    """Rejection sampling from the prior: the first scene with `predicate(scene)` true."""
+    """Rejection sampling from the prior: the first scene with `predicate(scene)` true. The
+    predicate sees modality, region and each lesion's side and size (positions come after)."""
     for _ in range(max_tries):
-        scene = sample_scene(rng)
+        scene = _sample_outline(rng)
         if predicate(scene):
-            return scene
+            return _place_lesions(scene, rng)
     raise RuntimeError("no scene satisfies the constraint")
 
 
@@ -152,10 +164,18 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
     return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (x, y), each [size, size], in the unit square (read-only)."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    xx, yy = np.meshgrid(c, c)
+    xx.flags.writeable = yy.flags.writeable = False
+    return xx, yy
+
+
 def _label_map(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [size, size] map of tissue classes; slight random jitter of the anatomy."""
-    c = (np.arange(size) + 0.5) / size
-    xx, yy = np.meshgrid(c, c)
+    xx, yy = _grid(size)
     j = lambda s=0.02: float(rng.uniform(-s, s))  # noqa: E731
     lab = np.full((size, size), _BG, np.uint8)
     cx, cy = 0.5 + j(0.015), 0.5 + j(0.015)
@@ -211,18 +231,18 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarra
     the same rng state gives the same pixels (so a scene and its lesion-free twin can be compared)."""
     lab = _label_map(scene, size, rng)
     x = _INTENSITY[scene.modality][lab]
-    fine = rng.standard_normal((size, size)).astype(np.float32)
-    coarse = _upsampled_noise(rng, size, max(2, size // 8))
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    fine = rng.standard_normal((size, size), dtype=np.float32)
+    c = _grid(size)[0][0]
     if scene.modality == "ct":
         x = x + 0.012 * fine * (lab != _BG)
     elif scene.modality == "mri":
         inside = lab != _BG
+        coarse = _upsampled_noise(rng, size, max(2, size // 8))
         bias = 0.8 + 0.4 * c[None, :]  # left-to-right bias field
         x = (x * (1.0 + 0.2 * coarse) * bias + 0.07 * fine) * inside
     else:  # x-ray: projection look
         x = x + 0.25 * (c[:, None] - 0.5)  # vertical gradient
-        streaks = rng.standard_normal(size).astype(np.float32)
+        streaks = rng.standard_normal(size, dtype=np.float32)
         x = x + 0.06 * streaks[None, :] + 0.02 * fine
     x = np.clip(x, 0.0, 1.0)
     img = (x * 255.0 + 0.5).astype(np.uint8)
