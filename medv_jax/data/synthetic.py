@@ -465,6 +465,23 @@ def vocabulary(include_chat_roles: bool = True) -> list[str]:
     return sorted(words)
 
 
+def load_demo_tokenizer(out_dir: str) -> Any:
+    """The compact tokenizer for the CPU demo: bytes + `vocabulary()` (each word one token) + the
+    named LLaDA special tokens right after them (576 ids; read ids with special_token_ids)."""
+    from medv_jax.data import testing
+
+    return testing.load_test_tokenizer(out_dir, words=vocabulary(), special_ids_base=0)
+
+
+def demo_image_config(image_size: int = 64, patch_size: int = 8) -> Any:
+    """Square-mode preprocessing at the demo tower's resolution ((64 / 8)^2 = 64 tokens)."""
+    from medv_jax.data.anyres import ImageConfig
+
+    if image_size % patch_size:
+        raise ValueError("image_size must be a multiple of patch_size")
+    return ImageConfig(crop_size=image_size, patches_per_side=image_size // patch_size)
+
+
 def all_answers() -> dict[str, tuple[str, ...]]:
     """Answer set of each open family, plus ("yes", "no") for "closed"."""
     out = {q.family: q.answers for q in OPEN_QUESTIONS}
@@ -475,5 +492,6 @@ def all_answers() -> dict[str, tuple[str, ...]]:
 __all__: Sequence[str] = (
     "SyntheticMedVQA", "SyntheticConfig", "Scene", "Lesion", "make_splits", "vocabulary", "caption",
     "render_scene", "sample_scene", "sample_scene_where", "CLOSED_QUESTIONS", "OPEN_QUESTIONS",
-    "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers",
+    "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers", "load_demo_tokenizer",
+    "demo_image_config",
 )

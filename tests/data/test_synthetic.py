@@ -162,9 +162,12 @@ def test_config_validation():
 
 @pytest.fixture(scope="module")
 def compact(tmp_path_factory):
-    return testing.load_test_tokenizer(
-        tmp_path_factory.mktemp("compact"), words=S.vocabulary(), special_ids_base=0
-    )
+    return S.load_demo_tokenizer(tmp_path_factory.mktemp("compact"))
+
+
+def test_demo_image_config():
+    c = S.demo_image_config()
+    assert (c.crop_size, c.tokens_per_crop, c.aspect_ratio) == (64, 64, "square")
 
 
 def test_compact_tokenizer_ids_are_small_and_contiguous(compact):
