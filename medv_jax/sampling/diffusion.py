@@ -554,7 +554,7 @@ def embed_prompt(
     return embeds, jnp.asarray(mask)
 
 
-def generate(
+def generate_text(
     lm_config: LLaDAConfig,
     lm_params: Any,
     prompts: Sequence[Sequence[int]],
@@ -580,3 +580,65 @@ def generate(
         plan=config._plan(),
         logits_processor=logits_processor,
     )
+
+
+def replay(
+    tokens: Any, commit_step: Any, steps_run: int, eot_id: int
+) -> list[list[int | None]]:
+    """The canvas of one row after each step it ran, rebuilt from ``SampleOutput`` on the host.
+
+    tokens, commit_step: the row's ``[gen_length]`` arrays. Returns one list per step: token ids
+    with None at still-masked positions, cut before the first end-of-turn committed so far (the
+    answer as it stood after that step).
+    """
+    tokens = np.asarray(tokens)
+    commit_step = np.asarray(commit_step)
+    frames = []
+    for t in range(int(steps_run)):
+        shown = (commit_step >= 0) & (commit_step <= t)
+        eot = np.flatnonzero(shown & (tokens == eot_id))
+        end = int(eot[0]) if eot.size else tokens.shape[0]
+        frames.append([int(tokens[j]) if shown[j] else None for j in range(end)])
+    return frames
+
+
+def compile_generate_text(
+    lm_config: LLaDAConfig,
+    lm_params: Any,
+    prompts: Sequence[Sequence[int]],
+    rng: Any,
+    config: SamplerConfig,
+    length: int | None = None,
+    logits_processor: LogitsProcessor | None = None,
+):
+    """Ahead-of-time compiled ``generate_text`` for these prompt shapes (to time compilation apart).
+    Returns ``run(prompts, rng) -> SampleOutput`` for prompts padded to the same length."""
+    if len(prompts) == 0:
+        raise ValueError("prompts: empty batch (batch size 0)")
+    tokens, mask = left_pad(prompts, lm_config.eos_token_id, length)
+    width = tokens.shape[1]
+    validate_prompt(lm_config, config, tokens.shape[0], width, mask)
+    compiled = _generate_program.lower(
+        lm_params,
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        row_keys_for(rng, tokens.shape[0]),
+        jnp.float32(config.temperature),
+        jnp.float32(config.cfg_scale),
+        lm_config=lm_config,
+        plan=config._plan(),
+        logits_processor=logits_processor,
+    ).compile()
+
+    def run(prompts: Sequence[Sequence[int]], rng: Any) -> SampleOutput:
+        tokens, mask = left_pad(prompts, lm_config.eos_token_id, width)
+        return compiled(
+            lm_params,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            row_keys_for(rng, tokens.shape[0]),
+            jnp.float32(config.temperature),
+            jnp.float32(config.cfg_scale),
+        )
+
+    return run

@@ -12,7 +12,7 @@ import pytest
 
 from medv_jax.models.llada import LLADA_PRESETS, LLaDA, init_params
 from medv_jax.sampling import diffusion
-from medv_jax.sampling.diffusion import SamplerConfig, embed_prompt, generate, sample, transfer_counts
+from medv_jax.sampling.diffusion import SamplerConfig, embed_prompt, generate_text, sample, transfer_counts
 from tests.sampling.reference import reference_sample
 
 CFG = LLADA_PRESETS["llada_tiny"].replace(
@@ -229,7 +229,7 @@ def test_batched_equals_each_row_alone():
     each row alone without padding (embeddings path), with sampling, random remasking and CFG."""
     case = CASES["random_sampled_cfg"]
     params, prompts, _, _, keys = case_inputs(case)
-    batched = jax.tree.map(np.asarray, generate(CFG, params, prompts, keys, case.config))
+    batched = jax.tree.map(np.asarray, generate_text(CFG, params, prompts, keys, case.config))
     for row, prompt in enumerate(prompts):
         embeds, mask = embed_prompt(CFG, params, [prompt])
         alone = jax.tree.map(np.asarray, sample(CFG, params, embeds, mask, keys[row : row + 1], case.config))
@@ -272,20 +272,20 @@ def test_prompt_validation():
     config = S(8, 8, 8)
     compiled = diffusion._sample_program._cache_size(), diffusion._generate_program._cache_size()
     with pytest.raises(ValueError, match="empty batch"):
-        generate(CFG, params, [], None, config)
+        generate_text(CFG, params, [], None, config)
     with pytest.raises(ValueError, match="empty batch"):
         sample(CFG, params, jnp.zeros((0, 4, CFG.hidden_size)), None, None, config)
     # 60 + 8 > max_position_embeddings = 64
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        generate(CFG, params, [[1] * 60], None, config)
+        generate_text(CFG, params, [[1] * 60], None, config)
     with pytest.raises(ValueError, match="hidden size"):
         sample(CFG, params, jnp.zeros((1, 4, 3)), None, None, config)
     with pytest.raises(ValueError, match="prompt_mask"):
         sample(CFG, params, jnp.zeros((1, 4, CFG.hidden_size)), jnp.ones((1, 5), bool), None, config)
     with pytest.raises(ValueError, match="rng"):
-        generate(CFG, params, [[1, 2], [3]], jax.random.split(jax.random.key(0), 3), config)
+        generate_text(CFG, params, [[1, 2], [3]], jax.random.split(jax.random.key(0), 3), config)
     with pytest.raises(ValueError, match="config"):
-        generate(CFG, params, [[1, 2]], None, dict(gen_length=8))
+        generate_text(CFG, params, [[1, 2]], None, dict(gen_length=8))
     # Every error was raised before anything was traced or compiled.
     assert compiled == (
         diffusion._sample_program._cache_size(), diffusion._generate_program._cache_size()

@@ -1,0 +1,138 @@
+"""Answer one question about one image with LLaDA-MedV.
+
+    python -m medv_jax.sampling.generate --checkpoint DIR --tokenizer DIR --image PATH \\
+        --question TEXT [--gen_length 128 --block_length 128 --steps 128 --temperature 0 \\
+        --remasking low_confidence --cfg_scale 0 --seed 0] [--json] [--show_steps]
+
+Builds the SPEC 3 prompt (system prompt selectable), runs the jitted sampler and prints the
+answer. ``--json`` prints the answer, its token ids, the steps used and timings (load, preprocess,
+compile, sample). ``--show_steps`` prints the answer canvas after every step, masked positions shown
+as ``_`` (replayed from the step each token was committed at). A LLaDA (text-only) checkpoint works
+without ``--image``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from medv_jax.sampling import cli
+from medv_jax.sampling.diffusion import compile_generate_text, replay
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m medv_jax.sampling.generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cli.add_model_args(parser)
+    parser.add_argument("--image", default=None, help="image file (PNG/JPEG/..., or DICOM .dcm)")
+    parser.add_argument("--question", required=True, help="the question (any <image> in it is removed)")
+    cli.add_sampler_args(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the answer")
+    parser.add_argument("--show_steps", action="store_true", help="print the canvas after every step")
+    parser.add_argument("--mask_placeholder", default=cli.MASK_PLACEHOLDER, help="shown for masked positions")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sampler_config = cli.sampler_config_from(args, parser)
+    from medv_jax.data import image as image_lib
+    from medv_jax.data.image_io import ImageReadError
+    from medv_jax.models.medv import MedVConfig
+    from medv_jax.sampling import multimodal as mm
+
+    timings = {}
+    t0 = time.perf_counter()
+    config, params, tokenizer = cli.load_model(args)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    system = mm.system_prompt_for(args.system_prompt)
+    question = args.question + args.question_suffix
+    rng = jax.random.key(args.seed)
+    is_medv = isinstance(config, MedVConfig)
+    if args.image is not None and not is_medv:
+        parser.error("--image needs a MedV checkpoint; this one is a text-only LLaDA model")
+    image = None
+    if args.image is not None:
+        try:
+            image = image_lib.preprocess_image(args.image, mm.image_config_for(config))
+        except (ImageReadError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    row = mm.encode_prompt(tokenizer, question, image, system)
+    lm = config.lm if is_medv else config
+    if is_medv:
+        batch = mm.collate_prompts([row], pad_id=lm.eos_token_id, crop_size=config.vision.image_size)
+    timings["preprocess_s"] = time.perf_counter() - t0
+
+    try:
+        t0 = time.perf_counter()
+        if is_medv:
+            run = mm.compile_medv(config, params, batch, rng, sampler_config)
+            timings["compile_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(run(batch, rng))
+        else:
+            run = compile_generate_text(lm, params, [row.tokens], rng, sampler_config)
+            timings["compile_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(run([row.tokens], rng))
+        timings["sample_s"] = time.perf_counter() - t0
+    except ValueError as e:  # e.g. the prompt does not fit max_position_embeddings
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    tokens = np.asarray(out.tokens[0])
+    length = int(out.answer_length[0])
+    steps_run = int(out.steps_run[0])
+    ids = [int(i) for i in tokens[:length]]
+    answer = cli.decode(tokenizer, ids)
+    frames = []
+    if args.show_steps:
+        frames = [
+            cli.render_frame(tokenizer, f, args.mask_placeholder)
+            for f in replay(tokens, out.commit_step[0], steps_run, lm.eot_token_id)
+        ]
+    if args.json:
+        result = {
+            "question": question,
+            "answer": answer,
+            "token_ids": ids,
+            "answer_length": length,
+            "stopped": length < sampler_config.gen_length,
+            "steps_used": steps_run,
+            "prompt_tokens": int(len(row.tokens)),
+            "sampler": {
+                "gen_length": sampler_config.gen_length,
+                "block_length": sampler_config.block_length,
+                "steps": sampler_config.steps,
+                "temperature": sampler_config.temperature,
+                "remasking": sampler_config.remasking,
+                "cfg_scale": sampler_config.cfg_scale,
+                "seed": args.seed,
+            },
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "device": str(jax.devices()[0].platform),
+        }
+        if args.show_steps:
+            result["steps"] = frames
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        for t, text in enumerate(frames):
+            print(f"[step {t + 1}/{steps_run}] {text}")
+        print(answer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

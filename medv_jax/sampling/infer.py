@@ -1,0 +1,235 @@
+"""Batch inference over a LLaVA-Med style question file, writing LLaVA-Med answers.
+
+    python -m medv_jax.sampling.infer --checkpoint DIR --tokenizer DIR \\
+        --question_file questions.jsonl --image_folder IMAGES --answers_file answers.jsonl \\
+        [--batch_size 8 --gen_length 128 --block_length 128 --steps 128 ...]
+
+Question rows: ``{"question_id": ..., "image": "relative/path.png", "text": "..."}`` (any
+``<image>`` in the text is removed and the image placed first, as LLaVA-Med's model_vqa does).
+Answer rows: ``{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`` with
+``prompt`` the question text and ``text`` the decoded answer.
+
+* Fixed-shape batches: every batch has ``--batch_size`` rows (the last one is filled with inert
+  rows), prompts are left padded to ``--prompt_length`` (0: the batch's longest rounded up to a
+  multiple of 64), so only a few programs are ever compiled.
+* Resume: rerunning with the same ``--answers_file`` skips the question ids already answered and
+  appends (a partly written last line from an interrupted run is dropped first).
+* A bad row (missing or unreadable image, malformed JSON, prompt too long) is reported on stderr
+  with its id and skipped; the run goes on. Exit status 0 unless nothing could be loaded.
+* Row r of the question file draws its random numbers from ``fold_in(key(seed), r)``, so its
+  answer does not depend on the batch it lands in, nor on resuming.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from medv_jax.sampling import cli
+
+PROMPT_BUCKET = 64
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m medv_jax.sampling.infer",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cli.add_model_args(parser)
+    g = parser.add_argument_group("data")
+    g.add_argument("--question_file", "--question-file", required=True, help="questions .jsonl")
+    g.add_argument("--image_folder", "--image-folder", default="", help="folder image paths are relative to")
+    g.add_argument("--answers_file", "--answers-file", required=True, help="answers .jsonl (appended)")
+    g.add_argument("--model_id", default=None, help="model_id written in answers (default: checkpoint folder name)")
+    g.add_argument("--batch_size", type=int, default=8)
+    g.add_argument("--prompt_length", type=int, default=0, help="fixed prompt width; 0 = per batch, bucketed")
+    g.add_argument("--limit", type=int, default=None, help="answer at most this many new questions")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    cli.add_sampler_args(parser)
+    return parser
+
+
+def read_questions(path: str) -> Iterator[tuple[int, Any, str]]:
+    """(line index, parsed row or None, error message) for every non-empty line."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "question_id" not in row or "text" not in row:
+                    raise ValueError("needs question_id and text")
+                yield i, row, ""
+            except ValueError as e:
+                yield i, None, f"line {i + 1}: bad question row ({e})"
+
+
+def answered_ids(path: str) -> set[str]:
+    """Question ids already in ``path``; a partly written last line (no newline) is cut off."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        print(f"warning: dropping a partly written last line of {path}", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    done = set()
+    for line in data.decode("utf-8").splitlines():
+        try:
+            done.add(_key(json.loads(line)["question_id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def _key(question_id: Any) -> str:
+    return json.dumps(question_id, sort_keys=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sampler_config = cli.sampler_config_from(args, parser)
+    if args.batch_size <= 0:
+        parser.error(f"--batch_size={args.batch_size} must be positive")
+    if args.prompt_length < 0:
+        parser.error(f"--prompt_length={args.prompt_length} must be >= 0")
+    from medv_jax.data import image as image_lib
+    from medv_jax.data.image_io import ImageReadError
+    from medv_jax.models.medv import MedVConfig
+    from medv_jax.sampling import multimodal as mm
+
+    done = answered_ids(args.answers_file)
+    todo, bad = [], []
+    seen = set(done)
+    for index, row, error in read_questions(args.question_file):
+        if row is None:
+            bad.append(error)
+            print(f"skipping {error}", file=sys.stderr)
+            continue
+        key = _key(row["question_id"])
+        if key in seen:
+            continue
+        seen.add(key)
+        todo.append((index, row))
+    if args.limit is not None:
+        todo = todo[: args.limit]
+    print(
+        f"{len(done)} already answered, {len(todo)} to answer, {len(bad)} unreadable rows",
+        file=sys.stderr,
+    )
+    if not todo:
+        return 0
+
+    config, params, tokenizer = cli.load_model(args)
+    if not isinstance(config, MedVConfig):
+        print("error: --checkpoint is not a MedV (multimodal) checkpoint", file=sys.stderr)
+        return 1
+    lm = config.lm
+    image_config = mm.image_config_for(config)
+    system = mm.system_prompt_for(args.system_prompt)
+    model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
+    base_key = jax.random.key(args.seed)
+    max_prompt = lm.max_position_embeddings - sampler_config.gen_length
+
+    def encode(index: int, row: dict):
+        """(PromptRow, question text) or raises with a message naming the problem."""
+        question = row["text"].replace("<image>", "").strip()
+        image = None
+        if row.get("image"):
+            path = os.path.join(os.path.expanduser(args.image_folder), row["image"])
+            image = image_lib.preprocess_image(path, image_config)
+        prompt = mm.encode_prompt(tokenizer, question + args.question_suffix, image, system, str(row["question_id"]))
+        if len(prompt.tokens) > (args.prompt_length or max_prompt):
+            raise ValueError(
+                f"prompt of {len(prompt.tokens)} tokens exceeds "
+                + (f"--prompt_length={args.prompt_length}" if args.prompt_length else
+                   f"max_position_embeddings - gen_length = {max_prompt}")
+            )
+        return prompt, question
+
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(todo), unit="q", file=sys.stderr)
+    skipped, written = [], 0
+    os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
+    started = time.perf_counter()
+    with open(args.answers_file, "a", encoding="utf-8") as out:
+        pending: list[tuple[int, dict, Any, str]] = []
+
+        def flush_batch():
+            nonlocal written
+            rows = [p[2] for p in pending]
+            width = args.prompt_length or min(
+                mm.round_up(max(len(r.tokens) for r in rows), PROMPT_BUCKET), max_prompt
+            )
+            batch = mm.collate_prompts(
+                rows,
+                pad_id=lm.eos_token_id,
+                crop_size=config.vision.image_size,
+                batch_size=args.batch_size,
+                prompt_length=width,
+            )
+            fillers = [0xFFFFFFFF] * (args.batch_size - len(pending))  # keys of inert rows
+            indices = [p[0] for p in pending] + fillers
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, np.asarray(indices, np.uint32))
+            result = mm.sample_medv(config, params, batch, keys, sampler_config)
+            tokens = np.asarray(result.tokens)
+            lengths = np.asarray(result.answer_length)
+            for i, (_, row, _, question) in enumerate(pending):
+                answer = {
+                    "question_id": row["question_id"],
+                    "prompt": question,
+                    "text": cli.decode(tokenizer, tokens[i, : lengths[i]]),
+                    "answer_id": uuid.uuid4().hex[:22],
+                    "model_id": model_id,
+                    "metadata": {},
+                }
+                out.write(json.dumps(answer, ensure_ascii=False) + "\n")
+            out.flush()
+            written += len(pending)
+            if progress is not None:
+                progress.update(len(pending))
+            pending.clear()
+
+        for index, row in todo:
+            try:
+                prompt, question = encode(index, row)
+            except (ImageReadError, OSError, ValueError, KeyError, TypeError) as e:
+                message = f"question {row.get('question_id')!r}: {e}"
+                skipped.append(message)
+                print(f"skipping {message}", file=sys.stderr)
+                if progress is not None:
+                    progress.update(1)
+                continue
+            pending.append((index, row, prompt, question))
+            if len(pending) == args.batch_size:
+                flush_batch()
+        if pending:
+            flush_batch()
+    if progress is not None:
+        progress.close()
+    elapsed = time.perf_counter() - started
+    print(
+        f"wrote {written} answers to {args.answers_file} in {elapsed:.1f}s; "
+        f"skipped {len(skipped)} questions and {len(bad)} unreadable rows",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
