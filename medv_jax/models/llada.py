@@ -225,7 +225,7 @@ class LLaDA(nn.Module):
             cfg.hidden_size,
             dtype=dtype,
             param_dtype=param_dtype,
-            embedding_init=layers.param_init(_INIT, ("vocab", "embed")),
+            embedding_init=layers.param_init(_INIT, ("embed_vocab", "embed")),
         )
         self.layers = layers.scan_layers(Block, cfg.num_layers, cfg.remat_policy, config=cfg)
         self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)

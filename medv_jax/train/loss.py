@@ -1,0 +1,104 @@
+"""The masked-diffusion SFT loss (SPEC section 4, paper Eq. 4).
+
+Per sequence: t ~ U(0, 1), p = (1 - eps) t + eps; every answer position (label != -100) is masked
+independently with probability p by replacing its input embedding with the MASK embedding. The
+sequence's loss is the sum over masked positions of CE / p, divided by its number of answer
+positions; the batch loss is the mean over sequences. All assistant turns of a dialogue share t.
+
+The cross-entropy is computed in chunks over the sequence, each chunk's fp32 logits recomputed in
+the backward pass, so ``[batch, length, vocab]`` fp32 logits never exist at once.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from medv_jax.models.medv import MedV
+
+Array = jax.Array
+IGNORE_INDEX = -100
+MASK_EPS = 1e-3
+
+
+def draw_masks(rng: Array, answer_mask: Array, eps: float = MASK_EPS) -> tuple[Array, Array]:
+    """(masked [B, T] bool, p [B]) for one batch: one t per sequence, masks only answer positions."""
+    rng_t, rng_m = jax.random.split(rng)
+    batch = answer_mask.shape[0]
+    t = jax.random.uniform(rng_t, (batch,))
+    p = (1.0 - eps) * t + eps
+    masked = (jax.random.uniform(rng_m, answer_mask.shape) < p[:, None]) & answer_mask
+    return masked, p
+
+
+def chunked_token_ce(
+    logits_fn: Callable[[Array], Array],  # hidden [B, c, D] -> fp32 logits [B, c, V]
+    hidden: Array,  # [B, T, D]
+    targets: Array,  # [B, T] int (any valid id where ignored)
+    chunk: int,
+) -> Array:  # [B, T] fp32 token cross-entropy
+    batch, length, _ = hidden.shape
+    chunk = min(chunk, length)
+    pad = (-length) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = hidden.shape[1] // chunk
+    h = hidden.reshape(batch, n, chunk, -1).swapaxes(0, 1)  # [n, B, c, D]
+    y = targets.reshape(batch, n, chunk).swapaxes(0, 1)  # [n, B, c]
+
+    @jax.checkpoint  # keep only the chunk's inputs; its logits are recomputed for the backward pass
+    def one_chunk(h_c, y_c):
+        logits = logits_fn(h_c).astype(jnp.float32)
+        target_logit = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+    ce = jax.lax.map(lambda xs: one_chunk(*xs), (h, y))  # [n, B, c]
+    return ce.swapaxes(0, 1).reshape(batch, -1)[:, :length]
+
+
+def sequence_losses(token_ce: Array, masked: Array, p: Array, answer_mask: Array) -> Array:
+    """[B]: sum_masked CE / p, over the sequence's answer count (0 for a sequence without any)."""
+    n_answer = jnp.maximum(answer_mask.sum(axis=1), 1)
+    return jnp.sum(jnp.where(masked, token_ce, 0.0), axis=1) / p / n_answer
+
+
+def diffusion_loss(
+    model: MedV,
+    params: Any,
+    batch: dict[str, Array],
+    masked: Array,  # [B, T] bool, from draw_masks
+    p: Array,  # [B]
+    ce_chunk: int = 512,
+) -> tuple[Array, dict[str, Array]]:
+    labels = batch["labels"]
+    answer_mask = labels != IGNORE_INDEX
+    variables = {"params": params}
+    embeds = model.apply(
+        variables,
+        batch["tokens"],
+        batch["pixels"],
+        batch["image_index"],
+        batch["image_weight"],
+        batch["image_newline_mask"],
+        method=MedV.embed_inputs,
+    )
+    mask_id = jnp.full((1, 1), model.config.lm.mask_token_id, jnp.int32)
+    mask_embed = model.apply(variables, mask_id, method=lambda m, x: m.lm.embed(x))[0, 0]
+    embeds = jnp.where(masked[..., None], mask_embed.astype(embeds.dtype), embeds)
+    hidden = model.apply(
+        variables, embeds, batch.get("key_mask"), method=lambda m, e, k: m.lm.hidden_states(e, k)
+    )
+    logits_fn = lambda h: model.apply(variables, h, method=lambda m, x: m.lm.logits(x))
+    targets = jnp.where(answer_mask, labels, 0)
+    token_ce = chunked_token_ce(logits_fn, hidden, targets, ce_chunk)
+    per_seq = sequence_losses(token_ce, masked, p, answer_mask)
+    metrics = {
+        "loss": jnp.mean(per_seq),
+        "masked_tokens": masked.sum(),
+        "answer_tokens": answer_mask.sum(),
+        # Plain CE of the masked tokens (no 1/p weight): easier to read as training progresses.
+        "masked_ce": jnp.sum(jnp.where(masked, token_ce, 0.0)) / jnp.maximum(masked.sum(), 1),
+    }
+    return jnp.mean(per_seq), metrics

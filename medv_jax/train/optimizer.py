@@ -1,0 +1,71 @@
+"""AdamW with a warmup-cosine schedule, global-norm clipping, per-group learning rates and frozen
+groups, all selected by regexes over parameter paths ("lm/layers/attn/q_proj/kernel").
+
+Frozen parameters are split out of the trainable tree before differentiation: they get no
+gradient, no optimizer state, and stay bit-identical.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+FROZEN = "frozen"
+
+
+def param_path(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def group_of(path: str, groups: Sequence[tuple[str, float | None]]) -> str:
+    """Name of the first group whose regex matches (``re.search``) the path; "default" if none.
+    A group whose learning rate is None is frozen."""
+    for i, (pattern, lr) in enumerate(groups):
+        if re.search(pattern, path):
+            return FROZEN if lr is None else f"group{i}"
+    return "default"
+
+
+def split_frozen(params: Any, groups: Sequence[tuple[str, float | None]]) -> tuple[dict, dict]:
+    """(trainable, frozen) nested dicts holding disjoint leaves of ``params``."""
+    flat = flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if group_of(param_path(k), groups) != FROZEN}
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+    return unflatten_dict(trainable), unflatten_dict(frozen)
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return unflatten_dict({**flatten_dict(trainable), **flatten_dict(frozen)})
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warmup over ``warmup_ratio`` of the steps to ``peak``, then cosine decay to 0."""
+    warmup = max(1, int(round(warmup_ratio * total_steps)))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), 0.0)
+
+
+def make_optimizer(
+    trainable: dict,
+    groups: Sequence[tuple[str, float | None]],
+    default_lr: float,
+    total_steps: int,
+    warmup_ratio: float = 0.03,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """The optimizer over the *trainable* tree (see ``split_frozen``)."""
+    rates = {"default": default_lr}
+    rates.update({f"group{i}": lr for i, (_, lr) in enumerate(groups) if lr is not None})
+    labels = unflatten_dict({k: group_of(param_path(k), groups) for k in flatten_dict(trainable)})
+    per_group = {
+        name: optax.adamw(learning_rate_schedule(lr, total_steps, warmup_ratio), b1, b2, eps,
+                          weight_decay=weight_decay)
+        for name, lr in rates.items()
+    }
+    chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    return optax.chain(*chain, optax.multi_transform(per_group, labels))

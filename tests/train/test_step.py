@@ -1,0 +1,146 @@
+"""Loss, optimizer and the sharded train step on 8 fake CPU devices."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medv_jax import sharding as shd
+from medv_jax.models import llada, medv, siglip
+from medv_jax.train import loss as loss_lib
+from medv_jax.train import optimizer as opt_lib
+from medv_jax.train import step as step_lib
+
+B, T, V = 8, 16, 128
+CFG = medv.MedVConfig(
+    lm=llada.LLADA_PRESETS["llada_tiny"].replace(vocab_size=V, tokenizer_vocab_size=120, mask_token_id=127),
+    vision=siglip.SIGLIP_PRESETS["siglip_tiny"].replace(image_size=28),
+    image_aspect_ratio="square",
+    mm_patch_merge_type="flat",
+)
+N_IMG = 4  # 28 px / 14 -> 2x2 patches
+
+
+def make_batch(seed=0, batch=B):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, 120, size=(batch, T)).astype(np.int32)
+    labels = np.full((batch, T), -100, np.int32)
+    index = np.zeros((batch, T, 4), np.int32)
+    weight = np.zeros((batch, T, 4), np.float32)
+    for b in range(batch):
+        index[b, 1:1 + N_IMG, 0] = np.arange(N_IMG)
+        weight[b, 1:1 + N_IMG, 0] = 1
+        start = rng.randint(6, 12)
+        labels[b, start:] = tokens[b, start:]
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "key_mask": np.ones((batch, T), bool),
+        "pixels": rng.uniform(-1, 1, (batch, 1, 28, 28, 3)).astype(np.float32),
+        "image_index": index,
+        "image_weight": weight,
+        "image_newline_mask": np.zeros((batch, T), bool),
+    }
+
+
+def test_loss_equals_numpy_formula():
+    model = medv.MedV(CFG)
+    params = medv.init_params(CFG, jax.random.key(0))
+    batch = make_batch()
+    answer = batch["labels"] != -100
+    masked, p = loss_lib.draw_masks(jax.random.key(1), jnp.asarray(answer))
+    masked, p = np.asarray(masked), np.asarray(p)
+    assert not masked[~answer].any()  # prompt and image positions are never masked
+    loss, _ = loss_lib.diffusion_loss(model, params, batch, masked, p, ce_chunk=5)
+    # numpy: full logits of the noised input, CE at masked positions / p / N, mean over rows.
+    embeds = np.asarray(model.apply({"params": params}, *[batch[k] for k in
+                        ("tokens", "pixels", "image_index", "image_weight", "image_newline_mask")],
+                        method=medv.MedV.embed_inputs))
+    mask_vec = np.asarray(params["lm"]["embed_tokens"]["embedding"][CFG.lm.mask_token_id])
+    embeds = np.where(masked[..., None], mask_vec, embeds)
+    logits = np.asarray(model.apply({"params": params}, embeds, method=medv.MedV.forward_embeds), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = []
+    for b in range(B):
+        ce = [-logp[b, i, batch["labels"][b, i]] for i in range(T) if masked[b, i]]
+        expected.append(sum(ce) / p[b] / answer[b].sum())
+    np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+
+
+def test_chunked_ce_matches_unchunked_with_gradients():
+    h = jax.random.normal(jax.random.key(0), (2, 10, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 33))
+    y = jax.random.randint(jax.random.key(2), (2, 10), 0, 33)
+
+    def total(w, chunk):
+        return loss_lib.chunked_token_ce(lambda x: x @ w, h, y, chunk).sum()
+
+    full = total(w, 10)
+    for chunk in (3, 4, 7):
+        np.testing.assert_allclose(total(w, chunk), full, rtol=1e-6)
+        np.testing.assert_allclose(jax.grad(total)(w, chunk), jax.grad(total)(w, 10), rtol=1e-5, atol=1e-6)
+    ref = jax.nn.logsumexp(h @ w, -1) - jnp.take_along_axis(h @ w, y[..., None], -1)[..., 0]
+    np.testing.assert_allclose(loss_lib.chunked_token_ce(lambda x: x @ w, h, y, 4), ref, rtol=1e-6)
+
+
+GROUPS = [("^vision/", None), ("^projector/", 1e-2)]
+
+
+def _run(mesh_shape, micro=1, steps=2, devices=None):
+    mesh = shd.make_mesh(mesh_shape, devices)
+    model = medv.MedV(CFG)
+    boxed = medv.abstract_params(CFG)
+    trainable_shape, _ = opt_lib.split_frozen(nn.unbox(boxed), GROUPS)
+    # A large Adam eps: with the default 1e-8, a gradient that is rounding noise (~1e-9) becomes a
+    # full-size step, so layouts that differ only in fp32 summation order would drift apart.
+    tx = opt_lib.make_optimizer(trainable_shape, GROUPS, 1e-3, total_steps=10, max_grad_norm=1.0, eps=1e-3)
+    state, shardings = step_lib.init_sharded_state(
+        lambda r: medv.init_params(CFG, r, boxed=True), tx, GROUPS, mesh, seed=0)
+    frozen_before = jax.tree_util.tree_map(np.asarray, state.frozen)
+    step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, step_lib.StepConfig(micro, 6)),
+                                   shardings, mesh, make_batch())
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, shd.global_batch(make_batch(i), mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses, frozen_before
+
+
+def _assert_params_close(a, b):
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6), a, b)
+
+
+def test_meshes_agree_with_one_device():
+    base, base_losses, _ = _run((1, 1, 1), devices=jax.devices()[:1])
+    for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
+        state, losses, _ = _run(shape)
+        np.testing.assert_allclose(losses, base_losses, rtol=1e-5, err_msg=str(shape))
+        _assert_params_close(state.params, base.params)
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+    state, _, _ = _run((1, 8, 1), steps=1)
+    emb = state.params["lm"]["embed_tokens"]["embedding"]  # [V, D]: D over fsdp
+    assert emb.addressable_shards[0].data.shape == (V, CFG.lm.hidden_size // 8)
+    q = state.params["lm"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert q.addressable_shards[0].data.size == q.size // 8
+    mu = state.opt_state[1].inner_states["default"].inner_state[0].mu["lm"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert mu.addressable_shards[0].data.size == mu.size // 8
+
+
+def test_frozen_params_bit_identical_and_have_no_optimizer_state():
+    state, _, frozen_before = _run((2, 2, 2), steps=2)
+    assert set(state.frozen) == {"vision"} and "vision" not in state.params
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.frozen, frozen_before)
+    leaves = jax.tree_util.tree_leaves(state.opt_state)
+    n_opt = sum(x.size for x in leaves)
+    n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    assert n_opt < 2 * n_trainable + 100  # mu and nu of the trainable params only, plus counters
+
+
+def test_gradient_accumulation_equals_large_batch():
+    state1, losses1, _ = _run((2, 2, 2), micro=1)
+    state4, losses4, _ = _run((2, 2, 2), micro=4)
+    np.testing.assert_allclose(losses4, losses1, rtol=1e-5)
+    _assert_params_close(state4.params, state1.params)
