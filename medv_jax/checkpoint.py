@@ -96,7 +96,7 @@ def save_pretrained(path: str | os.PathLike, config: Config, params: Any, overwr
 
 
 def load_config(path: str | os.PathLike) -> Config:
-    file = Path(path) / CONFIG_FILE
+    file = Path(path).expanduser() / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: is {path} a converted medv_jax checkpoint?")
     return config_from_dict(json.loads(file.read_text()))
@@ -115,7 +115,7 @@ def load_pretrained(
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    path = Path(path).expanduser().absolute()
     config = load_config(path)
     if dtype is not None:
         config = _with_param_dtype(config, dtype)

@@ -1,0 +1,78 @@
+"""Fields every training config shares; each config file starts from ``base_config()``."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "workdir/run"
+    c.tokenizer = ""  # a local tokenizer folder (e.g. the LLaDA-MedV HF folder); "demo": built-in
+    # Where weights start: a converted MedV checkpoint, or converted LM + vision checkpoints
+    # (python -m tools.convert_weights); all empty = random init.
+    c.init_from = ""
+    c.init_lm_from = ""
+    c.init_vision_from = ""
+
+    c.model = ml_collections.ConfigDict()
+    c.model.lm_preset = "llada_8b"
+    c.model.lm_overrides = ml_collections.ConfigDict()
+    c.model.vision_preset = "siglip2_so400m_patch14_384"
+    c.model.vision_overrides = ml_collections.ConfigDict()
+    c.model.image_aspect_ratio = "anyres_max_4"
+    c.model.mm_patch_merge_type = "spatial_unpad"
+    c.model.dtype = "bfloat16"  # compute
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "full"
+    c.model.attention_impl = ""  # "" (JAX picks) | "xla" | "cudnn"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "json"  # "json" (LLaVA records) | "synthetic"
+    c.data.train_path = ""
+    c.data.test_path = ""
+    c.data.image_root = ""
+    c.data.task = "vqa"  # synthetic only: "vqa" | "caption"
+    c.data.train_size = 20000  # synthetic only
+    c.data.test_size = 500
+    c.data.seed = 0
+    c.data.text_format = "conversation"  # | "caption" (stage 1)
+    c.data.system_prompt = "medical"  # | "general" | "none" | any text
+    c.data.max_length = 8192
+    c.data.prompt_length = 8192
+    c.data.max_crops = 37  # anyres_max_4: base view + up to 6x6 grid
+    c.data.too_long = "truncate"
+    c.data.worker_count = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch = 8
+    c.train.micro_batches = 1
+    c.train.num_epochs = 1
+    c.train.num_steps = 0  # > 0 overrides num_epochs
+    c.train.ce_chunk = 1024
+    c.train.log_every = 1
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+
+    # The paper's learning rates are not legible in our copy: these follow the public LLaDA-V
+    # recipe (1e-3 projector-only, 1e-5 full fine-tuning, weight decay 0).
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-5
+    c.optim.warmup_ratio = 0.03
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    # (regex over "part/.../name" parameter paths, lr or None = frozen); first match wins.
+    c.optim.param_groups = [("^vision/", None)]
+
+    c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 0  # VQA questions answered with the sampler at the end (0 = none)
+    c.eval.batch_size = 8
+    c.eval.gen_length = 128  # the paper's VQA setting: L = B = N = 128
+    c.eval.block_length = 128
+    c.eval.steps = 128
+    c.eval.show_examples = 5
+    return c

@@ -1,0 +1,67 @@
+"""The embedded demo: a small SigLIP-shaped tower + projector + small LLaDA-shaped LM trained from
+scratch on the built-in synthetic medical-VQA set, on CPU, then evaluated with the sampler.
+
+    python -m medv_jax.train --config=configs/demo.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base_config  # noqa: E402
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "workdir/demo"
+    c.tokenizer = "demo"
+
+    c.model.lm_preset = "llada_tiny"
+    c.model.lm_overrides.vocab_size = 640  # the demo tokenizer uses 576 ids
+    c.model.lm_overrides.hidden_size = 128
+    c.model.lm_overrides.num_layers = 4
+    c.model.lm_overrides.num_heads = 4
+    c.model.lm_overrides.num_kv_heads = 4
+    c.model.lm_overrides.head_dim = 32
+    c.model.lm_overrides.mlp_hidden_size = 384
+    c.model.lm_overrides.max_position_embeddings = 256
+    c.model.vision_preset = "siglip_tiny"
+    c.model.vision_overrides.image_size = 64
+    c.model.vision_overrides.patch_size = 8
+    c.model.vision_overrides.hidden_size = 64
+    c.model.vision_overrides.num_layers = 2
+    c.model.vision_overrides.num_heads = 4
+    c.model.vision_overrides.mlp_hidden_size = 128
+    c.model.image_aspect_ratio = "square"
+    c.model.mm_patch_merge_type = "flat"
+    c.model.dtype = "float32"
+    c.model.remat_policy = "none"
+
+    c.data.source = "synthetic"
+    c.data.train_size = 20000
+    c.data.test_size = 400
+    c.data.system_prompt = "none"
+    c.data.max_length = 96
+    c.data.prompt_length = 88
+    c.data.max_crops = 1
+    c.data.too_long = "raise"
+
+    c.train.global_batch = 32
+    c.train.num_epochs = 0
+    c.train.num_steps = 600
+    c.train.ce_chunk = 96
+    c.train.log_every = 10
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+
+    c.optim.lr = 2e-3
+    c.optim.warmup_ratio = 0.03
+    c.optim.param_groups = []  # everything trains from scratch
+
+    c.mesh = (1, -1, 1)
+
+    c.eval.num_examples = 400
+    c.eval.batch_size = 50
+    c.eval.gen_length = 4
+    c.eval.block_length = 4
+    c.eval.steps = 4
+    return c

@@ -1,0 +1,22 @@
+"""Stage 2 (paper): LLM + projector (vision frozen) on multi-turn biomedical instruction dialogues
+(LLaVA-Med's 60K), 4 epochs, global batch 8, lr 1e-5 (LLaDA-V recipe), from stage 1's model:
+
+    python -m medv_jax.train --config=configs/stage2.py --config.data.train_path=llava_med_instruct_60k.json \\
+        --config.data.image_root=images/ --config.tokenizer=~/hf/LLaDA-8B-Instruct
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base_config  # noqa: E402
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "workdir/stage2"
+    c.init_from = "workdir/stage1/model"
+    c.train.global_batch = 8
+    c.train.num_epochs = 4
+    c.optim.lr = 1e-5
+    c.optim.param_groups = [("^vision/", None)]
+    return c

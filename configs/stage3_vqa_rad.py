@@ -1,0 +1,24 @@
+"""Stage 3 (paper): LLM + projector fine-tuned on the vqa_rad training set, 2 epochs, global batch 8,
+lr 1e-5 (LLaDA-V recipe), from stage 2's model; evaluated with the paper's VQA sampler settings
+(L = B = N = 128):
+
+    python -m medv_jax.train --config=configs/stage3_vqa_rad.py --config.data.train_path=vqa_rad/train.json \
+        --config.data.test_path=vqa_rad/test.json --config.data.image_root=vqa_rad/images --config.tokenizer=...
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base_config  # noqa: E402
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "workdir/stage3_vqa_rad"
+    c.init_from = "workdir/stage2/model"
+    c.train.global_batch = 8
+    c.train.num_epochs = 2
+    c.optim.lr = 1e-5
+    c.optim.param_groups = [("^vision/", None)]
+    c.eval.num_examples = 100000  # the whole test split
+    return c

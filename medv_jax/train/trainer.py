@@ -1,0 +1,404 @@
+"""The training loop: model and data from a config, sharded state, resumable orbax checkpoints,
+logging, held-out loss, and a final VQA evaluation through the sampler.
+
+A run never loses finished work: checkpoints (params, optimizer state, step, RNG and the grain
+iterator state) are written every ``checkpoint_every`` steps, at the end, and on SIGTERM; a
+restart in the same workdir resumes from the latest one. A non-finite loss stops the run with the
+step and the batch's example ids, leaving the last good checkpoint in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from medv_jax import checkpoint
+from medv_jax import sharding as shd
+from medv_jax.data import pipeline
+from medv_jax.data import synthetic
+from medv_jax.data import tokenizer as tok_lib
+from medv_jax.models import llada, medv, siglip
+from medv_jax.train import loss as loss_lib
+from medv_jax.train import optimizer as opt_lib
+from medv_jax.train import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----- building blocks from the config -------------------------------------------------------
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
+    """``tokenizer: "demo"`` builds the compact synthetic-set tokenizer inside the workdir."""
+    if config.tokenizer == "demo":
+        return synthetic.load_demo_tokenizer(str(workdir / "tokenizer"))
+    if not config.tokenizer:
+        raise ValueError("config.tokenizer: give the tokenizer folder (e.g. the LLaDA-MedV HF folder)")
+    return tok_lib.load_tokenizer(config.tokenizer)
+
+
+def _numerics(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+                attention_impl=m.attention_impl or None)
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfig:
+    """The MedV config: from ``init_from`` (a converted MedV checkpoint), or from presets with
+    ``init_lm_from`` / ``init_vision_from`` (converted LLaDA / SigLIP checkpoints) replacing the LM
+    and tower shapes; special ids always come from the tokenizer."""
+    from medv_jax.sampling.multimodal import with_tokenizer_ids
+
+    m = config.model
+    numerics = _numerics(m)
+    if config.get("init_from"):
+        cfg = checkpoint.load_config(config.init_from)
+        if not isinstance(cfg, medv.MedVConfig):
+            raise ValueError(f"init_from={config.init_from} holds a {type(cfg).__name__}, not a MedV model")
+        cfg = cfg.replace(lm=cfg.lm.replace(**numerics), vision=cfg.vision.replace(**numerics))
+    else:
+        lm = llada.LLADA_PRESETS[m.lm_preset].replace(**dict(m.lm_overrides))
+        vision = siglip.SIGLIP_PRESETS[m.vision_preset].replace(**dict(m.vision_overrides))
+        if config.get("init_lm_from"):
+            lm = checkpoint.load_config(config.init_lm_from)
+        if config.get("init_vision_from"):
+            vision = checkpoint.load_config(config.init_vision_from)
+        cfg = medv.MedVConfig(lm=lm.replace(**numerics), vision=vision.replace(**numerics),
+                              image_aspect_ratio=m.image_aspect_ratio,
+                              mm_patch_merge_type=m.mm_patch_merge_type)
+    return with_tokenizer_ids(cfg, tokenizer)
+
+
+def initial_params(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, mesh, seed: int):
+    """Params to start from, restored straight into their shards; None for a random start.
+
+    With ``init_lm_from`` / ``init_vision_from`` the projector (and image_newline) start random."""
+    shardings = shd.logical_shardings(medv.abstract_params(model_cfg), mesh)
+    dtype = model_cfg.lm.param_dtype
+    if config.get("init_from"):
+        return checkpoint.load_pretrained(config.init_from, shardings, dtype)[1]
+    if not (config.get("init_lm_from") or config.get("init_vision_from")):
+        return None
+    rng = jax.random.PRNGKey(seed)
+    # Random for every part, then the loaded parts replace theirs (each loaded into its shards).
+    params = dict(jax.jit(lambda r: nn.unbox(medv.init_params(model_cfg, r, boxed=True)),
+                          out_shardings=shardings)(rng))
+    for key, path in (("lm", config.get("init_lm_from")), ("vision", config.get("init_vision_from"))):
+        if path:
+            params[key] = checkpoint.load_pretrained(path, shardings[key], dtype)[1]
+    return params
+
+
+def data_sources(config: ml_collections.ConfigDict):
+    d = config.data
+    if d.source == "synthetic":
+        return synthetic.make_splits(d.train_size, d.test_size, seed=d.seed, task=d.task)
+    if d.source == "json":
+        return _load_json_records(d.train_path), (_load_json_records(d.test_path) if d.test_path else None)
+    raise ValueError(f"config.data.source={d.source!r}: expected 'synthetic' or 'json'")
+
+
+def _load_json_records(path: str):
+    from medv_jax.evaluate.records import load_records
+
+    return pipeline.RecordList(load_records(path))
+
+
+def batch_config(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, batch_size: int):
+    from medv_jax.sampling.multimodal import image_config_for, system_prompt_for
+
+    d = config.data
+    return pipeline.BatchConfig(
+        batch_size=batch_size,
+        max_length=d.max_length,
+        prompt_length=d.prompt_length,
+        max_crops=d.max_crops,
+        image=image_config_for(model_cfg),
+        text_format=d.text_format,
+        system_prompt=system_prompt_for(d.system_prompt),
+        too_long=d.too_long,
+        image_root=d.get("image_root") or None,
+    )
+
+
+# ----- checkpoints -----------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
+                                 item_names=("state", "data"))
+
+
+def save_checkpoint(manager, step: int, state, data_state: bytes) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({"iterator": data_state.decode("latin-1")}),
+    ))
+
+
+def restore_checkpoint(manager, step: int, abstract_state):
+    import orbax.checkpoint as ocp
+
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+    ))
+    return restored["state"], restored["data"]["iterator"].encode("latin-1")
+
+
+# ----- the loop ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Preemption:
+    requested: bool = False
+
+    def install(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. inside some test runners)
+            pass
+        return self
+
+
+class MetricsLog:
+    """JSONL (always) and TensorBoard (when tensorboardX is installed) in the workdir."""
+
+    def __init__(self, workdir: Path):
+        self.file = open(workdir / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        if jax.process_index() != 0:
+            return
+        self.file.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def make_eval_loss(model, mesh, shardings, batch_example):
+    """Held-out loss with fixed mask draws (a deterministic number to watch)."""
+
+    def fn(state, batch, rng):
+        params = opt_lib.merge_params(state.params, state.frozen)
+        masked, p = loss_lib.draw_masks(rng, batch["labels"] != loss_lib.IGNORE_INDEX)
+        return loss_lib.diffusion_loss(model, params, batch, masked, p)[0]
+
+    batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in batch_example.items()}
+    return jax.jit(fn, in_shardings=(shardings, batch_sh, shd.replicated(mesh)))
+
+
+def _device_batch(batch: dict[str, np.ndarray], mesh) -> tuple[dict[str, jax.Array], np.ndarray]:
+    ids = batch.pop("example_id")
+    return shd.global_batch(batch, mesh), ids
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Run (or resume) training; returns the final summary (also written to summary.json)."""
+    shd.maybe_initialize_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tokenizer = load_tokenizer(config, workdir)
+    model_cfg = model_config(config, tokenizer)
+    (workdir / "model_config.json").write_text(json.dumps(checkpoint.config_to_dict(model_cfg), indent=2))
+    model = medv.MedV(model_cfg)
+    mesh = shd.make_mesh(tuple(config.mesh))
+    train_source, test_source = data_sources(config)
+
+    t = config.train
+    n_proc = jax.process_count()
+    if t.global_batch % (n_proc * t.micro_batches):
+        raise ValueError(f"train.global_batch={t.global_batch} must divide by processes x micro_batches")
+    steps_per_epoch = len(train_source) // t.global_batch
+    total_steps = t.num_steps or t.num_epochs * steps_per_epoch
+    if total_steps <= 0:
+        raise ValueError("train.num_steps / num_epochs give no steps")
+    groups = [tuple(g) for g in config.optim.param_groups]
+    abstract_boxed = medv.abstract_params(model_cfg)
+    trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)
+    o = config.optim
+    tx = opt_lib.make_optimizer(trainable_shape, groups, o.lr, total_steps, o.warmup_ratio,
+                                o.weight_decay, o.max_grad_norm, o.b1, o.b2, o.eps)
+
+    params = initial_params(config, model_cfg, mesh, config.seed)
+    if params is None:
+        init_fn = lambda rng: medv.init_params(model_cfg, rng, boxed=True)
+        state, shardings = step_lib.init_sharded_state(init_fn, tx, groups, mesh, config.seed)
+    else:
+        state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed)
+        del params
+    local_batch = t.global_batch // n_proc
+    bcfg = batch_config(config, model_cfg, local_batch)
+    loader = pipeline.make_loader(train_source, tokenizer, bcfg, seed=config.seed,
+                                  worker_count=config.data.worker_count)
+    it = iter(loader)
+    manager = checkpoint_manager(workdir, t.keep_checkpoints)
+    start_step = 0
+    if manager.latest_step() is not None:
+        start_step = manager.latest_step()
+        abstract_state = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        state, data_state = restore_checkpoint(manager, start_step, abstract_state)
+        it.set_state(data_state)
+        print(f"resumed from {workdir / 'checkpoints'} at step {start_step}")
+    first = next(it)
+    example = {k: v for k, v in first.items() if k != "example_id"}
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(
+        model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk)), shardings, mesh, example)
+    eval_loss = make_eval_loss(model, mesh, shardings, example)
+    eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []
+
+    log = MetricsLog(workdir)
+    preempt = _Preemption().install()
+    batch = first
+    tokens_per_step = t.global_batch * config.data.max_length
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    step = start_step
+    last_loss = float("nan")
+    t_loop = time.time()
+    try:
+        while step < total_steps:
+            data_state = it.get_state()  # the state *after* this batch: resume continues from here
+            device_batch, ids = _device_batch(batch, mesh)
+            state, metrics = train_step(state, device_batch)
+            step += 1
+            if step % t.log_every == 0 or step == total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(metrics["loss"]):
+                    raise NonFiniteLossError(
+                        f"non-finite loss {metrics['loss']} at step {step}; batch example ids: "
+                        f"{[str(i) for i in ids]}; the last good checkpoint is kept")
+                last_loss = metrics["loss"]
+                elapsed = time.time() - t_loop
+                metrics["tokens_per_s"] = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                log.write(step, metrics)
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update(1)
+            if eval_batches and t.eval_every and step % t.eval_every == 0:
+                log.write(step, {"loss": _held_out_loss(eval_loss, state, eval_batches, mesh)}, "eval")
+            if step % t.checkpoint_every == 0 or step == total_steps or preempt.requested:
+                save_checkpoint(manager, step, state, data_state)
+            if preempt.requested:
+                manager.wait_until_finished()
+                print(f"SIGTERM: saved a checkpoint at step {step}; exiting")
+                return {"preempted_at": step}
+            if step < total_steps:
+                batch = next(it)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        log.close()
+    train_seconds = time.time() - t_start
+    summary: dict[str, Any] = {"steps": step, "final_loss": last_loss, "train_seconds": round(train_seconds, 1)}
+    if eval_batches:
+        summary["held_out_loss"] = _held_out_loss(eval_loss, state, eval_batches, mesh)
+    if config.eval.num_examples and test_source is not None:
+        params = jax.device_get(opt_lib.merge_params(state.params, state.frozen))
+        summary["vqa"] = evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg)
+    if jax.process_index() == 0:
+        export = workdir / "model"
+        params = jax.device_get(opt_lib.merge_params(state.params, state.frozen))
+        checkpoint.save_pretrained(export, model_cfg, params, overwrite=True)
+        summary["model"] = str(export)
+        summary["total_seconds"] = round(time.time() - t_start, 1)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _held_out_batches(config, test_source, tokenizer, bcfg, limit_batches: int = 4):
+    loader = pipeline.make_loader(test_source, tokenizer, bcfg, seed=0, shuffle=False, num_epochs=1,
+                                  worker_count=0)
+    out = []
+    for b in loader:
+        b = dict(b)
+        b.pop("example_id")
+        out.append(b)
+        if len(out) >= limit_batches:
+            break
+    return out
+
+
+def _held_out_loss(eval_loss, state, batches, mesh) -> float:
+    rng = jax.random.PRNGKey(1234)
+    values = [float(eval_loss(state, shd.global_batch(b, mesh), rng)) for b in batches]
+    return float(np.mean(values))
+
+
+def evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg) -> dict[str, Any]:
+    """Answer test questions with the jitted sampler and score them as LLaVA-Med does."""
+    from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
+    from medv_jax.sampling.diffusion import SamplerConfig
+    from medv_jax.sampling.multimodal import PromptBatch, sample_medv
+
+    e = config.eval
+    sampler = SamplerConfig(gen_length=e.gen_length, block_length=e.block_length, steps=e.steps)
+    refs, preds, examples = [], {}, []
+    t0 = time.time()
+    n_tokens = 0
+    batches = pipeline.make_prompt_batches(test_source, tokenizer, bcfg, batch_size=e.batch_size,
+                                           limit=e.num_examples)
+    for i, b in enumerate(tqdm(batches, desc="eval", unit="batch", disable=jax.process_index() != 0)):
+        pb = PromptBatch(**{k: b[k] for k in ("tokens", "key_mask", "pixels", "image_index", "image_weight",
+                                              "image_newline_mask", "valid")})
+        out = jax.device_get(sample_medv(model_cfg, params, pb, jax.random.PRNGKey(i), sampler))
+        for r in range(len(b["valid"])):
+            if not b["valid"][r]:
+                continue
+            n = int(out.answer_length[r])
+            n_tokens += n
+            text = tokenizer.decode([int(x) for x in out.tokens[r, :n]], skip_special_tokens=True).strip()
+            qid = str(b["example_id"][r])
+            preds[qid] = text
+            refs.append(VQAReference(qid, str(b["answer"][r]), str(b["answer_type"][r])))
+            if len(examples) < e.show_examples:
+                examples.append({"question": str(b["question"][r]), "answer": str(b["answer"][r]), "prediction": text})
+    seconds = time.time() - t0
+    scores = score_vqa([r for r in refs if r.answer_type in ("closed", "open")], preds)
+    if jax.process_index() == 0:
+        print(format_vqa_table(scores))
+        for ex in examples:
+            print(f"  Q: {ex['question']!r}  reference: {ex['answer']!r}  model: {ex['prediction']!r}")
+    return {
+        "closed_accuracy": scores.closed_accuracy,
+        "open_recall": scores.open_recall,
+        "n_closed": scores.n_closed,
+        "n_open": scores.n_open,
+        "seconds_per_question": seconds / max(len(preds), 1),
+        "tokens_per_s": n_tokens / max(seconds, 1e-9),
+        "examples": examples,
+    }
+
+
