@@ -76,3 +76,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.steps = 128
     c.eval.show_examples = 5
     return c
+
+
+def finetune_config(name: str, init_from: str, epochs: int) -> ml_collections.ConfigDict:
+    """Stages 2 and 3: LLM + projector (vision frozen), global batch 8, lr 1e-5 (LLaDA-V recipe)."""
+    c = base_config()
+    c.workdir = f"workdir/{name}"
+    c.init_from = init_from
+    c.train.global_batch = 8
+    c.train.num_epochs = epochs
+    c.optim.lr = 1e-5
+    c.optim.param_groups = [("^vision/", None)]
+    return c

@@ -8,15 +8,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config  # noqa: E402
+from common import finetune_config  # noqa: E402
 
 
 def get_config():
-    c = base_config()
-    c.workdir = "workdir/stage2"
-    c.init_from = "workdir/stage1/model"
-    c.train.global_batch = 8
-    c.train.num_epochs = 4
-    c.optim.lr = 1e-5
-    c.optim.param_groups = [("^vision/", None)]
-    return c
+    return finetune_config("stage2", "workdir/stage1/model", epochs=4)

@@ -9,16 +9,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config  # noqa: E402
+from common import finetune_config  # noqa: E402
 
 
 def get_config():
-    c = base_config()
-    c.workdir = "workdir/stage3_slake"
-    c.init_from = "workdir/stage2/model"
-    c.train.global_batch = 8
-    c.train.num_epochs = 10
-    c.optim.lr = 1e-5
-    c.optim.param_groups = [("^vision/", None)]
+    c = finetune_config("stage3_slake", "workdir/stage2/model", epochs=10)
     c.eval.num_examples = 100000  # the whole test split
     return c
