@@ -73,7 +73,7 @@ def llama_logits(model: LlamaForCausalLM, tokens=None, embeds=None, key_mask=Non
     return out.logits.numpy()
 
 
-def write_olmo_copy(llama_folder: Path, folder: Path, model: LlamaForCausalLM) -> None:
+def write_olmo_copy(folder: Path, model: LlamaForCausalLM) -> None:
     """The same weights under the original LLaDA-8B-Instruct (OLMo) names and config."""
     rename = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
               "self_attn.o_proj": "attn_out", "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj",

@@ -59,7 +59,7 @@ def test_logits_slice_equals_full_logits(llama):
 
 def test_olmo_names_convert_to_identical_params(llama, tmp_path):
     folder, torch_model = llama
-    hf.write_olmo_copy(folder, tmp_path / "olmo", torch_model)
+    hf.write_olmo_copy(tmp_path / "olmo", torch_model)
     config_llama, params_llama = convert_params(folder)
     config_olmo, params_olmo = convert_params(tmp_path / "olmo")
     # Architecture fields agree; the two config.json files record different special ids/lengths.

@@ -3,7 +3,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from medv_jax import sharding as shd
 from medv_jax.models import llada, medv, siglip
