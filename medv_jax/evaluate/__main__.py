@@ -1,8 +1,13 @@
 """Command line for evaluation: ``python -m medv_jax.evaluate SUBCOMMAND ...``.
 
 Subcommands:
-  vqa       score a VQA answer file against references (closed accuracy, open recall, extras)
-  lengths   response-length statistics of one or more answer files (paper Table 3)
+  vqa               score a VQA answer file against references (closed accuracy, open recall, extras)
+  lengths           response-length statistics of one or more answer files (paper Table 3)
+  run-vqa           answer a VQA test split with the sampler and score it (paper Table 2)
+  run-conversation  answer the open conversation benchmark and judge it (paper Table 1)
+  judge             judge an existing conversation answer file (any model's)
+  sweep             score, length, speed and repetition over a (gen_length, block_length, steps) grid
+  report            one Markdown/HTML page comparing run folders with the paper's numbers
 
 To add a subcommand, write its ``add_arguments(parser)`` and ``run(args) -> exit code`` functions
 (in any module) and append a :class:`Subcommand` to :data:`SUBCOMMANDS`. ``run`` may raise
@@ -12,13 +17,13 @@ ValueError or OSError for bad input; :func:`main` prints those as one ``error:``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from medv_jax.evaluate.records import load_records
+from medv_jax.evaluate import conversation, report, run_vqa, sweep
+from medv_jax.evaluate.records import load_records, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.vqa_scoring import (
     format_vqa_table,
@@ -38,15 +43,6 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-def write_json(path: str, payload: Any) -> None:
-    """Write ``payload`` as indented JSON, creating the parent directory."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
 
 
 # ---- vqa ---------------------------------------------------------------------------------------
@@ -131,6 +127,17 @@ SUBCOMMANDS: list[Subcommand] = [
                _add_vqa_arguments, _run_vqa),
     Subcommand("lengths", "response-length statistics (tokens, words, seconds per question)",
                _add_lengths_arguments, _run_lengths),
+    Subcommand("run-vqa", "answer a VQA test split with the jitted sampler and score it (resumable)",
+               run_vqa.add_arguments, run_vqa.run),
+    Subcommand("run-conversation",
+               "answer the open conversation benchmark (L=256 B=64 N=256) and judge it (resumable)",
+               conversation.add_run_arguments, conversation.run_conversation),
+    Subcommand("judge", "judge a conversation answer file with an OpenAI-compatible endpoint",
+               conversation.add_judge_command_arguments, conversation.run_judge),
+    Subcommand("sweep", "task score, length, speed and repetition over a sampler grid, with plots",
+               sweep.add_arguments, sweep.run),
+    Subcommand("report", "compare run folders side by side with the paper's numbers",
+               report.add_arguments, report.run),
 ]
 
 

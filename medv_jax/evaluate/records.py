@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-__all__ = ["load_records", "first_field", "record_id", "IdKey", "id_key"]
+__all__ = ["load_records", "first_field", "record_id", "IdKey", "id_key", "write_json"]
 
 #: Question ids are matched on their text so that 12 and "12" meet (files differ in this).
 IdKey = str
@@ -63,3 +63,15 @@ def record_id(record: Mapping[str, Any], where: str, index: int) -> Any:
 def id_key(question_id: Any) -> IdKey:
     """The key under which a question id is matched across files."""
     return str(question_id)
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> None:
+    """Write ``payload`` as indented JSON, creating the parent directory; atomically, so that an
+    interrupted run never leaves half a metrics file."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,217 @@
+"""Answer generation for the evaluation commands, through ``medv_jax.sampling.infer``.
+
+The evaluation commands do not run a batch loop of their own: they write the questions as an
+infer question file in the run folder and call :func:`medv_jax.sampling.infer.main` in process, so
+the answers (``RUN_DIR/answers.jsonl``), its resume rules and its fixed-shape batching are exactly
+those of ``python -m medv_jax.sampling.infer``. Model and sampler flags are declared with the
+shared helpers of :mod:`medv_jax.sampling.cli` and forwarded to infer by walking infer's own
+parser, so a sampler flag added there (e.g. a fast sampling mode) reaches these commands too.
+
+Timing. infer reports no per-answer times, so each call is timed here and appended to
+``RUN_DIR/timing.jsonl`` as ``{"answered": n, "wall_seconds": t, "question_ids": [...]}``; an
+answer's ``seconds`` is its call's wall time over the answers written by that call. This includes
+model loading and compilation, amortised over the call's answers (negligible for a full test split,
+dominant for a handful of questions). Token counts re-encode the answer text with the tokenizer
+(the sampler's exact count before the stop token is not written by infer; special tokens that
+decoding drops are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from medv_jax.evaluate.records import id_key, load_records
+
+__all__ = [
+    "ANSWERS",
+    "QUESTIONS",
+    "TIMING",
+    "add_generation_arguments",
+    "infer_argv",
+    "sampler_settings",
+    "write_questions",
+    "generate_answers",
+    "load_answers",
+    "timed_answers",
+    "count_tokens",
+]
+
+ANSWERS = "answers.jsonl"
+QUESTIONS = "questions.jsonl"
+TIMING = "timing.jsonl"
+
+# Flags of infer that the evaluation commands set themselves (per run folder).
+_OWN_INFER_FLAGS = ("question_file", "image_folder", "answers_file", "no_progress", "help")
+
+
+def add_generation_arguments(
+    parser: argparse.ArgumentParser, gen_length: int, block_length: int, steps: int
+) -> None:
+    """Model and sampler flags (the shared ones of ``medv_jax.sampling.cli``) plus infer's
+    batching flags, with the benchmark's paper defaults for the schedule."""
+    from medv_jax.sampling import cli
+    from medv_jax.sampling.diffusion import SamplerConfig
+
+    cli.add_model_args(parser)
+    cli.add_sampler_args(
+        parser, SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps)
+    )
+    g = parser.add_argument_group("inference")
+    g.add_argument("--image_folder", default="", help="folder the questions' image paths are relative to")
+    g.add_argument("--batch_size", type=int, default=8, help="questions per jitted batch")
+    g.add_argument("--prompt_length", type=int, default=0, help="fixed prompt width; 0 = per batch, bucketed")
+    g.add_argument("--model_id", default=None, help="model_id written in answers")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def _infer_parser() -> argparse.ArgumentParser:
+    from medv_jax.sampling import infer
+
+    return infer.build_parser()
+
+
+def infer_argv(
+    args: argparse.Namespace, question_file: str, answers_file: str, overrides: Mapping[str, Any] = {}
+) -> list[str]:
+    """The infer command line equivalent to ``args`` (every infer flag that ``args`` carries,
+    ``overrides`` taking precedence) for one question file and answer file."""
+    values = {**vars(args), **overrides}
+    argv = ["--question_file", question_file, "--answers_file", answers_file]
+    argv += ["--image_folder", str(values.get("image_folder") or "")]
+    if values.get("no_progress"):
+        argv.append("--no_progress")
+    for action in _infer_parser()._actions:
+        dest = action.dest
+        if dest in _OWN_INFER_FLAGS or not action.option_strings or dest not in values:
+            continue
+        value = values[dest]
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(flag)
+        elif isinstance(action, argparse._StoreFalseAction):
+            if not value:
+                argv.append(flag)
+        elif value is not None:
+            if isinstance(value, (list, tuple)):
+                argv += [flag, *map(str, value)]
+            else:
+                argv += [flag, str(value)]
+    return argv
+
+
+def sampler_settings(args: argparse.Namespace, overrides: Mapping[str, Any] = {}) -> dict[str, Any]:
+    """The sampler flags of a run (every flag of the shared sampler group), for its metrics file."""
+    from medv_jax.sampling import cli
+
+    probe = argparse.ArgumentParser(add_help=False)
+    cli.add_sampler_args(probe)
+    values = {**vars(args), **overrides}
+    return {a.dest: values.get(a.dest) for a in probe._actions if a.option_strings}
+
+
+def write_questions(rows: Iterable[Mapping[str, Any]], path: str) -> int:
+    """Write infer question rows (``question_id``, ``image``, ``text``); returns how many.
+
+    Written afresh each run (the answers file, not this one, holds the progress)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    n = 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def _answer_ids(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    ids = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                ids.append(id_key(json.loads(line)["question_id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a partial last line: infer drops it on resume
+    return ids
+
+
+def generate_answers(
+    args: argparse.Namespace,
+    rows: Sequence[Mapping[str, Any]],
+    run_dir: str,
+    overrides: Mapping[str, Any] = {},
+) -> dict[str, Any]:
+    """Answer ``rows`` into ``run_dir/answers.jsonl`` with infer (resuming), timing the call.
+
+    Returns ``{"answered": new answers, "wall_seconds": ..., "total": answers on file}``.
+    Raises ValueError when infer fails as a whole."""
+    from medv_jax.sampling import infer
+
+    os.makedirs(run_dir, exist_ok=True)
+    question_file = os.path.join(run_dir, QUESTIONS)
+    answers_file = os.path.join(run_dir, ANSWERS)
+    write_questions(rows, question_file)
+    wanted = {id_key(r["question_id"]) for r in rows}
+    before = set(_answer_ids(answers_file))
+    if wanted <= before:
+        print(f"{run_dir}: all {len(wanted)} questions already answered", file=sys.stderr)
+        return {"answered": 0, "wall_seconds": 0.0, "total": len(before)}
+    started = time.perf_counter()
+    code = infer.main(infer_argv(args, question_file, answers_file, overrides))
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise ValueError(f"inference into {answers_file} failed (infer exit status {code})")
+    new_ids = [i for i in _answer_ids(answers_file) if i not in before]
+    if new_ids:
+        entry = {
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "answered": len(new_ids),
+            "wall_seconds": wall,
+            "question_ids": new_ids,
+        }
+        with open(os.path.join(run_dir, TIMING), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+    return {"answered": len(new_ids), "wall_seconds": wall, "total": len(before) + len(new_ids)}
+
+
+def load_answers(run_dir: str) -> list[dict[str, Any]]:
+    """The answer records of a run folder (empty when none yet)."""
+    path = os.path.join(run_dir, ANSWERS)
+    return load_records(path) if os.path.exists(path) else []
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of an answer text, re-encoded without special tokens."""
+    return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+
+def timed_answers(run_dir: str, tokenizer: Any | None = None) -> list[dict[str, Any]]:
+    """The run's answers with ``seconds`` (their call's wall time per answer, from timing.jsonl)
+    and, given a tokenizer, ``num_tokens``; answers of untimed calls get no ``seconds``."""
+    seconds: dict[str, float] = {}
+    timing_path = os.path.join(run_dir, TIMING)
+    if os.path.exists(timing_path):
+        for entry in load_records(timing_path):
+            ids = entry.get("question_ids") or []
+            if ids:
+                share = float(entry["wall_seconds"]) / len(ids)
+                seconds.update({id_key(i): share for i in ids})
+    records = []
+    for record in load_answers(run_dir):
+        record = dict(record)
+        key = id_key(record.get("question_id"))
+        if key in seconds and "seconds" not in record:
+            record["seconds"] = seconds[key]
+        if tokenizer is not None and "num_tokens" not in record:
+            record["num_tokens"] = count_tokens(tokenizer, str(record.get("text", "")))
+        records.append(record)
+    return records
