@@ -59,11 +59,15 @@ def attention(
     )
 
 
-def scan_layers(block: type[nn.Module], num_layers: int, remat_policy: str, **block_kwargs):
+def scan_layers(
+    block: type[nn.Module], num_layers: int, remat_policy: str, in_axes: Any = nn.broadcast, **block_kwargs
+):
     """Repeat ``block`` ``num_layers`` times under ``nn.scan`` (params stacked on a leading
     "layers" axis), rematerialised by the named policy. Returns the module instance.
 
-    The block is called as ``block(x, *broadcast_args) -> (x, None)``.
+    The block is called as ``block(x, *args) -> (x, per_layer_output)``; ``in_axes`` says which
+    args every layer sees whole (``nn.broadcast``, the default for all) and which are sliced on
+    their leading layer axis (0), as a tuple with one entry per arg.
     """
     check_choice(remat_policy, list(REMAT_POLICIES), "remat_policy")
     if remat_policy != "none":
@@ -73,7 +77,7 @@ def scan_layers(block: type[nn.Module], num_layers: int, remat_policy: str, **bl
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=nn.broadcast,
+        in_axes=in_axes,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

@@ -115,10 +115,22 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 class Attention(nn.Module):
+    """Self-attention; with ``kv`` (this layer's cached keys/values ``([B, T, KV, Dh], [B, T, KV,
+    Dh])``) the input is a span of ``S`` positions starting at ``kv_start``: its fresh keys/values
+    overwrite the span in the cache and the span attends over all ``T`` positions. Returns
+    ``(out [B, S, D], updated kv or None)``."""
+
     config: LLaDAConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, key_mask: Array | None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        key_mask: Array | None,
+        kv: tuple[Array, Array] | None = None,
+        kv_start: Array | int | None = None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
@@ -138,8 +150,12 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        out = layers.attention(q, k, v, key_mask, cfg.attention_impl)  # [B, T, H, Dh]
-        return nn.DenseGeneral(
+        if kv is not None:
+            cache_k, cache_v = kv
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), kv_start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), kv_start, axis=1)
+        out = layers.attention(q, k, v, key_mask, cfg.attention_impl)  # [B, S, H, Dh]
+        out = nn.DenseGeneral(
             features=cfg.hidden_size,
             axis=(-2, -1),
             use_bias=False,
@@ -148,6 +164,7 @@ class Attention(nn.Module):
             kernel_init=layers.param_init(_INIT, ("heads", "head_dim", "embed")),
             name="o_proj",
         )(out)
+        return out, (None if kv is None else (k, v))
 
 
 class GatedMLP(nn.Module):
@@ -180,15 +197,16 @@ class Block(nn.Module):
     config: LLaDAConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, key_mask: Array | None):
+    def __call__(self, x: Array, positions: Array, key_mask: Array | None, kv=None, kv_start=None):
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="attn_norm")(x)
-        x = x + Attention(cfg, name="attn")(h, positions, key_mask)
+        attn, kv = Attention(cfg, name="attn")(h, positions, key_mask, kv, kv_start)
+        x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="mlp_norm")(x)
         x = x + GatedMLP(cfg, name="mlp")(h)
-        return x, None
+        return x, kv  # kv: this layer's updated cache (stacked over layers by the scan), or None
 
 
 def default_positions(key_mask: Array | None, batch: int, length: int) -> Array:
@@ -212,7 +230,13 @@ class LLaDA(nn.Module):
         for positions ``[logits_start, logits_start + logits_length)`` only (``logits_start`` may
         be traced), so the full ``[B, T, V]`` tensor is never built when it is not needed;
       * ``hidden_states(embeds, key_mask, positions)`` -> final-normed ``[B, T, D]``;
-      * ``logits(hidden)`` -> fp32 logits of given hidden states (e.g. chunked losses).
+      * ``logits(hidden)`` -> fp32 logits of given hidden states (e.g. chunked losses);
+      * ``forward_cached(span_embeds, key_mask, span_positions, cache, cache_start, logits_start,
+        logits_length)`` -> (fp32 logits, updated cache): a KV-cache forward for the samplers' fast
+        modes. ``cache`` is ``(keys, values)``, each ``[num_layers, B, T, KV, Dh]`` (``init_cache``);
+        the span ``[cache_start, cache_start + S)`` is recomputed and every other position is
+        read from the cache. With ``S = T`` and ``cache_start = 0`` it is the plain forward that
+        also returns every layer's keys/values (a cache refresh).
     """
 
     config: LLaDAConfig
@@ -227,7 +251,14 @@ class LLaDA(nn.Module):
             param_dtype=param_dtype,
             embedding_init=layers.param_init(_INIT, ("embed_vocab", "embed")),
         )
-        self.layers = layers.scan_layers(Block, cfg.num_layers, cfg.remat_policy, config=cfg)
+        # kv (the per-layer cache) is sliced on its leading layer axis; the rest is broadcast.
+        self.layers = layers.scan_layers(
+            Block,
+            cfg.num_layers,
+            cfg.remat_policy,
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            config=cfg,
+        )
         self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
         self.lm_head = nn.Dense(
             cfg.vocab_size,
@@ -247,7 +278,7 @@ class LLaDA(nn.Module):
         if positions is None:
             positions = default_positions(key_mask, batch, length)
         x = embeds.astype(layers.to_dtype(self.config.dtype))
-        x, _ = self.layers(x, positions, key_mask)
+        x, _ = self.layers(x, positions, key_mask, None, None)
         return self.final_norm(x)
 
     def logits(self, hidden: Array) -> Array:
@@ -266,10 +297,35 @@ class LLaDA(nn.Module):
             hidden = jax.lax.dynamic_slice_in_dim(hidden, logits_start, logits_length, axis=1)
         return self.logits(hidden)
 
+    def forward_cached(
+        self,
+        embeds: Array,  # [B, S, D], the span
+        key_mask: Array | None,  # [B, T] bool, over the whole cached sequence
+        positions: Array,  # [B, S] int, the span's positions
+        cache: tuple[Array, Array],  # keys, values: [num_layers, B, T, KV, Dh] each
+        cache_start: Array | int = 0,
+        logits_start: Array | int = 0,  # within the span
+        logits_length: int | None = None,
+    ) -> tuple[Array, tuple[Array, Array]]:  # ([B, logits_length or S, V] fp32, updated cache)
+        x = embeds.astype(layers.to_dtype(self.config.dtype))
+        x, cache = self.layers(x, positions, key_mask, cache, cache_start)
+        hidden = self.final_norm(x)
+        if logits_length is not None:
+            hidden = jax.lax.dynamic_slice_in_dim(hidden, logits_start, logits_length, axis=1)
+        return self.logits(hidden), cache
+
     def __call__(
         self, tokens: Array, key_mask: Array | None = None, positions: Array | None = None
     ) -> Array:
         return self.forward_embeds(self.embed(tokens), key_mask, positions)
+
+
+def init_cache(config: LLaDAConfig, batch: int, length: int) -> tuple[Array, Array]:
+    """An empty KV cache for ``LLaDA.forward_cached``: (keys, values), each
+    ``[num_layers, batch, length, num_kv_heads, head_dim]`` in the compute dtype."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, layers.to_dtype(config.dtype))
+    return zeros, zeros
 
 
 def init_params(config: LLaDAConfig, rng: Array, boxed: bool = False) -> Any:

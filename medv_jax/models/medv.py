@@ -142,6 +142,12 @@ class MedV(nn.Module):
     def forward_embeds(self, embeds, key_mask=None, positions=None, logits_start=0, logits_length=None):
         return self.lm.forward_embeds(embeds, key_mask, positions, logits_start, logits_length)
 
+    def forward_cached(self, embeds, key_mask, positions, cache, cache_start=0, logits_start=0, logits_length=None):
+        """The LM's KV-cache forward (``LLaDA.forward_cached``)."""
+        return self.lm.forward_cached(
+            embeds, key_mask, positions, cache, cache_start, logits_start, logits_length
+        )
+
     def __call__(
         self,
         tokens: Array,

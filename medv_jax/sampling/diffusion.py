@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medv_jax.models.llada import LLaDA, LLaDAConfig, default_positions
+from medv_jax.models.llada import LLaDA, LLaDAConfig, default_positions, init_cache
 
 Array = jax.Array
 # fn(logits [B, n, V] fp32, gen_index [n] int32) -> logits [B, n, V]: an optional hook applied to
@@ -69,6 +69,85 @@ Array = jax.Array
 LogitsProcessor = Callable[[Array, Array], Array]
 
 REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("prefix", "dual")
+# Prefix-cache mode recomputes "the current block onward"; that span's length depends on the block,
+# so each length is its own branch of one lax.switch. Blocks are grouped so that at most this many
+# branches (model copies in the program) exist; a group's span starts at its first block.
+PREFIX_SPAN_BRANCHES = 4
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePolicy:
+    """KV cache for the fast modes (approximate: attention is bidirectional, so cached keys/values
+    go stale as the canvas changes).
+
+    mode:          "prefix": keys/values of every position are stored at a refresh; between
+                   refreshes each step recomputes the current block and everything after it,
+                   reading the positions before the block (prompt and finished blocks) from the
+                   cache. "dual": the positions after the block (the masked tail) are read from
+                   the cache too, so each step recomputes the current block only.
+    refresh_every: K: a refresh (a full forward, whose logits that step uses) runs at the first
+                   step of every block and then every K steps of the block (steps i of the block
+                   with i % K == 0). K = 1 refreshes at every step, which is the exact sampler.
+    """
+
+    mode: str = "prefix"
+    refresh_every: int = 8
+
+    def __post_init__(self):
+        if self.mode not in CACHE_MODES:
+            raise ValueError(f"cache mode={self.mode!r} is not one of {list(CACHE_MODES)}")
+        if not _positive_int(self.refresh_every):
+            raise ValueError(f"cache refresh_every={self.refresh_every!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdSelection:
+    """Confidence-threshold parallel decoding: besides the step's scheduled count (the most
+    confident eligible positions, at least one), every eligible position whose confidence is
+    strictly above ``threshold`` is committed, so a block ends as soon as it is filled and easy
+    answers take far fewer steps. ``threshold = 1.0`` commits nothing extra (a softmax
+    probability never exceeds 1): the exact sampler. Needs ``remasking="low_confidence"``."""
+
+    threshold: float = 0.9
+
+    def __post_init__(self):
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold={t!r} must be a number in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveStop:
+    """Adaptive stopping, after transformers' DiffusionGemma ``StableAndConfidentStoppingCriteria``
+    (stop when the argmax canvas is unchanged for ``stability_threshold`` steps and the mean token
+    entropy is below ``confidence_threshold``), transposed to a masked model:
+
+    * the row's *draft* of the current block is its committed tokens plus the argmax prediction at
+      every still-masked position; only the part that can end up in the answer counts, i.e. the
+      positions up to and including the draft's first end-of-turn;
+    * stable: that draft is identical to the previous step's for ``patience`` consecutive steps
+      (0: no stability condition); confident: the mean entropy (nats) of the predictive
+      distributions (after the bans) over the draft's still-masked positions is below
+      ``max_entropy``;
+    * when both hold the row commits its whole draft at once (so a drafted end-of-turn stops it)
+      and its block is finished.
+    """
+
+    patience: int = 1
+    max_entropy: float = 0.1
+
+    def __post_init__(self):
+        p = self.patience
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 0:
+            raise ValueError(f"adaptive_stop patience={p!r} must be an integer >= 0")
+        e = self.max_entropy
+        if isinstance(e, bool) or not isinstance(e, (int, float, np.floating)) or not (np.isfinite(e) and e > 0):
+            raise ValueError(f"adaptive_stop max_entropy={e!r} must be a finite number > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +156,12 @@ class SamplerConfig:
 
     Paper settings: VQA ``gen_length = block_length = steps = 128``; open conversation
     ``gen_length = 256, block_length = 64, steps = 256``.
+
+    Fast modes (opt-in, each still one compiled program): ``cache`` (a ``CachePolicy``: prefix or
+    dual KV cache), ``selection`` (a ``ThresholdSelection``: confidence-threshold parallel
+    decoding), ``adaptive_stop`` (an ``AdaptiveStop``). With any of them the blocks advance when
+    every row of the batch has filled the current one (or stopped), so ``steps`` is an upper bound
+    and ``SampleOutput.steps_run`` the steps a row used.
     """
 
     gen_length: int = 128
@@ -85,6 +170,9 @@ class SamplerConfig:
     temperature: float = 0.0
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
+    cache: CachePolicy | None = None
+    selection: ThresholdSelection | None = None
+    adaptive_stop: AdaptiveStop | None = None
 
     def __post_init__(self):
         for name in ("gen_length", "block_length", "steps"):
@@ -108,6 +196,14 @@ class SamplerConfig:
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0")
         if not np.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ValueError(f"cfg_scale={self.cfg_scale!r} must be a finite number >= 0")
+        for name, kind in (("cache", CachePolicy), ("selection", ThresholdSelection), ("adaptive_stop", AdaptiveStop)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"{name}: expected a {kind.__name__} or None, got {type(value).__name__}")
+        if self.selection is not None and self.remasking != "low_confidence":
+            raise ValueError(
+                f"selection (threshold decoding) needs remasking='low_confidence', got remasking={self.remasking!r}"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -128,6 +224,20 @@ class SamplerConfig:
             remasking=self.remasking,
             sample=self.temperature > 0,
             guidance=self.cfg_scale > 0,
+            cache_mode=None if self.cache is None else self.cache.mode,
+            threshold=self.selection is not None,
+            adaptive=self.adaptive_stop is not None,
+        )
+
+    def _knobs(self) -> "_Knobs":
+        """The traced (recompile-free) values of the configuration."""
+        return _Knobs(
+            temperature=jnp.float32(self.temperature),
+            cfg_scale=jnp.float32(self.cfg_scale),
+            refresh_every=jnp.int32(1 if self.cache is None else self.cache.refresh_every),
+            threshold=jnp.float32(1.0 if self.selection is None else self.selection.threshold),
+            patience=jnp.int32(0 if self.adaptive_stop is None else self.adaptive_stop.patience),
+            max_entropy=jnp.float32(0.0 if self.adaptive_stop is None else self.adaptive_stop.max_entropy),
         )
 
 
@@ -144,10 +254,33 @@ class _Plan:
     remasking: str
     sample: bool
     guidance: bool
+    cache_mode: str | None = None
+    threshold: bool = False
+    adaptive: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
 
     @property
     def steps_per_block(self) -> int:
-        return self.steps // (self.gen_length // self.block_length)
+        return self.steps // self.num_blocks
+
+    @property
+    def fast(self) -> bool:
+        return self.cache_mode is not None or self.threshold or self.adaptive
+
+
+@flax.struct.dataclass
+class _Knobs:
+    """Traced scalars of a SamplerConfig (changing them does not recompile)."""
+
+    temperature: Array  # [] f32
+    cfg_scale: Array  # [] f32
+    refresh_every: Array  # [] int32
+    threshold: Array  # [] f32
+    patience: Array  # [] int32
+    max_entropy: Array  # [] f32
 
 
 @flax.struct.dataclass
@@ -161,25 +294,39 @@ class SampleOutput:
                    committed, -1 if never; replaying it shows the answer unmasking.
     steps_run:     [B] int32, steps in which the row was still active (ran a step that could
                    commit something).
+    confidence:    [B, gen_length] float32, the selection score each position had when it was
+                   committed (softmax probability for "low_confidence", the uniform draw for
+                   "random"), NaN if never committed.
+    refreshed:     [B, steps] bool, True at the global steps that ran a full forward refreshing
+                   the KV cache (all rows alike; all False without a cache and after the loop).
     """
 
     tokens: Array
     answer_length: Array
     commit_step: Array
     steps_run: Array
+    confidence: Array
+    refreshed: Array
 
 
 @flax.struct.dataclass
 class _State:
     step: Array  # [] int32, global step
+    block: Array  # [] int32, current block (the same for every row)
+    block_step: Array  # [] int32, steps run in the current block
     canvas: Array  # [B, P + L, D]
     tokens: Array  # [B, L] int32
     committed: Array  # [B, L] bool
     commit_step: Array  # [B, L] int32
+    confidence: Array  # [B, L] f32
     stop: Array  # [B] int32, index of the first committed eot in the generated region, L if none
     done: Array  # [B] bool
     steps_run: Array  # [B] int32
     block_masked: Array  # [B] int32, masked count of the current block at its start
+    refreshed: Array  # [steps] bool
+    cache: Any  # (keys, values) [layers, B', P + L, KV, Dh] each (B' = 2B with CFG), or None
+    draft: Any  # [B, Bl] int32, last step's draft (adaptive stop), or None
+    stable: Any  # [B] int32, consecutive steps the draft was unchanged (adaptive stop), or None
 
 
 def transfer_counts(masked: int, steps: int) -> list[int]:
@@ -211,6 +358,18 @@ def _rank_desc(conf: Array) -> Array:
     return jnp.sum(beats, axis=-1, dtype=jnp.int32)
 
 
+def _entropy(logits: Array) -> Array:
+    """Entropy (nats) of softmax(logits) over the last axis; -inf logits (bans) contribute 0."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(logp)
+    return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+
+
+def prefix_span_groups(plan: "_Plan") -> int:
+    """Blocks per prefix-cache span group (see PREFIX_SPAN_BRANCHES)."""
+    return -(-plan.num_blocks // min(plan.num_blocks, PREFIX_SPAN_BRANCHES))
+
+
 def _run(
     lm_config: LLaDAConfig,
     plan: _Plan,
@@ -218,8 +377,7 @@ def _run(
     prompt_embeds: Array,  # [B, P, D]
     prompt_mask: Array,  # [B, P] bool
     row_keys: Array,  # [B] typed keys
-    temperature: Array,  # [] f32
-    cfg_scale: Array,  # [] f32
+    knobs: _Knobs,
     logits_processor: LogitsProcessor | None = None,
 ) -> SampleOutput:
     model = LLaDA(lm_config)
@@ -230,6 +388,7 @@ def _run(
     total = prompt_len + gen_len
     vocab = lm_config.vocab_size
     mask_id, eot_id = lm_config.mask_token_id, lm_config.eot_token_id
+    temperature, cfg_scale = knobs.temperature, knobs.cfg_scale
 
     def embed(tokens):
         return model.apply(variables, tokens, method=LLaDA.embed)
@@ -252,32 +411,83 @@ def _run(
     gen_idx = jnp.arange(gen_len, dtype=jnp.int32)
     blk_off = jnp.arange(block_len, dtype=jnp.int32)
 
-    def block_logits(canvas, start):
-        """fp32 logits [B, block_len, V] of canvas positions [start, start + block_len)."""
+    def model_input(canvas):
+        """[B', T, D]: the canvas, and with CFG its unconditional copy stacked after it."""
         if plan.guidance:
             uncond = jnp.concatenate([uncond_prompt, canvas[:, prompt_len:]], axis=1)
-            both = model.apply(
+            return jnp.concatenate([canvas, uncond], axis=0)
+        return canvas
+
+    def guided(logits):
+        if plan.guidance:
+            cond, uncond = logits[:batch], logits[batch:]
+            return uncond + (cfg_scale + 1.0) * (cond - uncond)
+        return logits
+
+    def block_logits(canvas, start):
+        """fp32 logits [B, block_len, V] of canvas positions [start, start + block_len)."""
+        return guided(
+            model.apply(
                 variables,
-                jnp.concatenate([canvas, uncond], axis=0),
+                model_input(canvas),
                 key_mask,
                 positions,
                 start,
                 block_len,
                 method=LLaDA.forward_embeds,
             )
-            cond, uncond = both[:batch], both[batch:]
-            return uncond + (cfg_scale + 1.0) * (cond - uncond)
-        return model.apply(
-            variables, canvas, key_mask, positions, start, block_len, method=LLaDA.forward_embeds
         )
 
+    def cached_logits(canvas, cache, g0, block_step):
+        """(fp32 logits [B, block_len, V] of the current block, cache, refreshed?)."""
+        start = prompt_len + g0
+        refresh = block_step % knobs.refresh_every == 0
+
+        def full(canvas, cache):
+            # A refresh: the plain forward over everything, storing every layer's keys/values.
+            logits, cache = model.apply(
+                variables,
+                model_input(canvas),
+                key_mask,
+                positions,
+                cache,
+                0,
+                start,
+                block_len,
+                method=LLaDA.forward_cached,
+            )
+            return guided(logits), cache
+
+        def span(lo, length, canvas, cache):
+            """Recompute canvas positions [lo, lo + length) (lo traced, length static) against
+            the cache; logits of the current block."""
+            x = jax.lax.dynamic_slice_in_dim(model_input(canvas), lo, length, axis=1)
+            pos = jax.lax.dynamic_slice_in_dim(positions, lo, length, axis=1)
+            logits, _ = model.apply(
+                variables, x, key_mask, pos, cache, lo, start - lo, block_len,
+                method=LLaDA.forward_cached,
+            )
+            return guided(logits), cache
+
+        if plan.cache_mode == "dual":
+            partial = functools.partial(span, start, block_len)
+        else:  # prefix: from the first block of the step's group to the end of the canvas
+            group = prefix_span_groups(plan)
+            branches = []
+            for g in range(-(-plan.num_blocks // group)):
+                lo = prompt_len + g * group * block_len
+                branches.append(functools.partial(span, lo, total - lo))
+            partial = lambda c, k: jax.lax.switch(g0 // (group * block_len), branches, c, k)  # noqa: E731
+        logits, cache = jax.lax.cond(refresh, full, partial, canvas, cache)
+        return logits, cache, refresh
+
     def cond_fn(st: _State):
-        return (st.step < plan.steps) & ~jnp.all(st.done)
+        return (st.step < plan.steps) & ~jnp.all(st.done) & (st.block < plan.num_blocks)
 
     def body_fn(st: _State) -> _State:
         t = st.step
-        i = t % spb
-        g0 = (t // spb) * block_len  # block start in the generated region
+        i = st.block_step
+        g0 = st.block * block_len  # block start in the generated region
         sl = lambda x: jax.lax.dynamic_slice_in_dim(x, g0, block_len, axis=1)  # noqa: E731
         committed_blk = sl(st.committed)
         block_masked = jnp.where(
@@ -285,7 +495,12 @@ def _run(
         )
         k = block_masked // spb + (i < block_masked % spb).astype(jnp.int32)  # [B]
 
-        logits = block_logits(st.canvas, prompt_len + g0)
+        cache, refreshed = st.cache, st.refreshed
+        if plan.cache_mode is None:
+            logits = block_logits(st.canvas, prompt_len + g0)
+        else:
+            logits, cache, did_refresh = cached_logits(st.canvas, st.cache, g0, i)
+            refreshed = refreshed.at[t].set(did_refresh)
         if logits_processor is not None:
             logits = logits_processor(logits, g0 + blk_off)
         logits = jnp.where(banned, -jnp.inf, logits)  # [B, Bl, V]
@@ -311,20 +526,42 @@ def _run(
                 )
             )(step_keys)
 
-        eligible = (
-            ~committed_blk & ((g0 + blk_off)[None, :] < st.stop[:, None]) & ~st.done[:, None]
-        )
+        before_stop = (g0 + blk_off)[None, :] < st.stop[:, None]
+        eligible = ~committed_blk & before_stop & ~st.done[:, None]
         conf = jnp.where(eligible, conf, -jnp.inf)
         select = eligible & (_rank_desc(conf) < k[:, None])  # [B, Bl]
+        if plan.threshold:
+            select = select | (eligible & (conf > knobs.threshold))
+        tokens_blk = jnp.where(select, x0, sl(st.tokens))
+        draft, stable = st.draft, st.stable
+        if plan.adaptive:
+            best = x0 if not plan.sample else jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            draft = jnp.where(committed_blk | select, tokens_blk, best)  # [B, Bl]
+            # The part of the draft that can end up in the answer: up to its first end-of-turn.
+            is_eot = before_stop & (draft == eot_id)
+            first = jnp.where(jnp.any(is_eot, axis=1), jnp.argmax(is_eot, axis=1), block_len)
+            span = before_stop & (blk_off[None, :] <= first[:, None])
+            draft = jnp.where(span, draft, -1)
+            same = jnp.all(draft == st.draft, axis=1) & (i > 0)
+            stable = jnp.where(same, st.stable + 1, 0)
+            open_ = span & eligible & ~select  # still masked after this step's commits
+            n_open = jnp.sum(open_, axis=1)
+            mean_entropy = jnp.sum(jnp.where(open_, _entropy(logits), 0.0), axis=1) / jnp.maximum(n_open, 1)
+            halt = (stable >= knobs.patience) & (mean_entropy < knobs.max_entropy)  # [B]
+            fill = open_ & halt[:, None]
+            select = select | fill
+            tokens_blk = jnp.where(fill, best, tokens_blk)
 
         def put(full, blk):
             return jax.lax.dynamic_update_slice_in_dim(full, blk, g0, axis=1)
 
-        tokens = put(st.tokens, jnp.where(select, x0, sl(st.tokens)))
-        committed = put(st.committed, committed_blk | select)
+        tokens = put(st.tokens, tokens_blk)
+        committed_blk = committed_blk | select
+        committed = put(st.committed, committed_blk)
         commit_step = put(st.commit_step, jnp.where(select, t, sl(st.commit_step)))
+        confidence = put(st.confidence, jnp.where(select, conf, sl(st.confidence)))
         canvas_blk = jax.lax.dynamic_slice_in_dim(st.canvas, prompt_len + g0, block_len, axis=1)
-        canvas_blk = jnp.where(select[..., None], embed(x0).astype(dtype), canvas_blk)
+        canvas_blk = jnp.where(select[..., None], embed(tokens_blk).astype(dtype), canvas_blk)
         canvas = jax.lax.dynamic_update_slice_in_dim(
             st.canvas, canvas_blk, prompt_len + g0, axis=1
         )
@@ -335,28 +572,51 @@ def _run(
         )
         stop = jnp.minimum(st.stop, first_eot)
         pending = jnp.any(~committed & (gen_idx[None, :] < stop[:, None]), axis=1)
+        done = st.done | ~pending
+        active = jnp.any(eligible, axis=1)
+        # The block advances for the whole batch once no row can commit in it any more (the exact
+        # schedule fills it at its last step).
+        left = ~committed_blk & ((g0 + blk_off)[None, :] < stop[:, None]) & ~done[:, None]
+        advance = ~jnp.any(left) | (i + 1 >= spb)
         return _State(
             step=t + 1,
+            block=st.block + advance.astype(jnp.int32),
+            block_step=jnp.where(advance, 0, i + 1),
             canvas=canvas,
             tokens=tokens,
             committed=committed,
             commit_step=commit_step,
+            confidence=confidence,
             stop=stop,
-            done=st.done | ~pending,
-            steps_run=st.steps_run + (~st.done).astype(jnp.int32),
+            done=done,
+            steps_run=st.steps_run + active.astype(jnp.int32),
             block_masked=block_masked,
+            refreshed=refreshed,
+            cache=cache,
+            draft=draft,
+            stable=stable,
         )
 
+    cache = None
+    if plan.cache_mode is not None:
+        cache = init_cache(lm_config, batch * (2 if plan.guidance else 1), total)
     init = _State(
         step=jnp.zeros((), jnp.int32),
+        block=jnp.zeros((), jnp.int32),
+        block_step=jnp.zeros((), jnp.int32),
         canvas=canvas,
         tokens=jnp.full((batch, gen_len), mask_id, jnp.int32),
         committed=jnp.zeros((batch, gen_len), jnp.bool_),
         commit_step=jnp.full((batch, gen_len), -1, jnp.int32),
+        confidence=jnp.full((batch, gen_len), jnp.nan, jnp.float32),
         stop=jnp.full((batch,), gen_len, jnp.int32),
         done=jnp.zeros((batch,), jnp.bool_),
         steps_run=jnp.zeros((batch,), jnp.int32),
         block_masked=jnp.zeros((batch,), jnp.int32),
+        refreshed=jnp.zeros((plan.steps,), jnp.bool_),
+        cache=cache,
+        draft=jnp.full((batch, block_len), -1, jnp.int32) if plan.adaptive else None,
+        stable=jnp.zeros((batch,), jnp.int32) if plan.adaptive else None,
     )
     final = jax.lax.while_loop(cond_fn, body_fn, init)
     return SampleOutput(
@@ -364,6 +624,8 @@ def _run(
         answer_length=final.stop,
         commit_step=final.commit_step,
         steps_run=final.steps_run,
+        confidence=final.confidence,
+        refreshed=jnp.broadcast_to(final.refreshed, (batch, plan.steps)),
     )
 
 
@@ -386,8 +648,7 @@ def sample_loop(
         prompt_embeds,
         prompt_mask,
         row_keys,
-        jnp.float32(config.temperature),
-        jnp.float32(config.cfg_scale),
+        config._knobs(),
         logits_processor,
     )
 
@@ -401,8 +662,7 @@ def _sample_program(
     prompt_embeds,
     prompt_mask,
     row_keys,
-    temperature,
-    cfg_scale,
+    knobs,
     *,
     lm_config,
     plan,
@@ -415,8 +675,7 @@ def _sample_program(
         prompt_embeds,
         prompt_mask,
         row_keys,
-        temperature,
-        cfg_scale,
+        knobs,
         logits_processor,
     )
 
@@ -427,8 +686,7 @@ def _generate_program(
     prompt_tokens,
     prompt_mask,
     row_keys,
-    temperature,
-    cfg_scale,
+    knobs,
     *,
     lm_config,
     plan,
@@ -442,8 +700,7 @@ def _generate_program(
         embeds,
         prompt_mask,
         row_keys,
-        temperature,
-        cfg_scale,
+        knobs,
         logits_processor,
     )
 
@@ -518,8 +775,7 @@ def sample(
         prompt_embeds,
         jnp.asarray(prompt_mask, jnp.bool_),
         row_keys_for(rng, batch),
-        jnp.float32(config.temperature),
-        jnp.float32(config.cfg_scale),
+        config._knobs(),
         lm_config=lm_config,
         plan=config._plan(),
         logits_processor=logits_processor,
@@ -574,8 +830,7 @@ def generate_text(
         jnp.asarray(tokens),
         jnp.asarray(mask),
         row_keys_for(rng, tokens.shape[0]),
-        jnp.float32(config.temperature),
-        jnp.float32(config.cfg_scale),
+        config._knobs(),
         lm_config=lm_config,
         plan=config._plan(),
         logits_processor=logits_processor,
@@ -623,8 +878,7 @@ def compile_generate_text(
         jnp.asarray(tokens),
         jnp.asarray(mask),
         row_keys_for(rng, tokens.shape[0]),
-        jnp.float32(config.temperature),
-        jnp.float32(config.cfg_scale),
+        config._knobs(),
         lm_config=lm_config,
         plan=config._plan(),
         logits_processor=logits_processor,
@@ -637,8 +891,7 @@ def compile_generate_text(
             jnp.asarray(tokens),
             jnp.asarray(mask),
             row_keys_for(rng, tokens.shape[0]),
-            jnp.float32(config.temperature),
-            jnp.float32(config.cfg_scale),
+            config._knobs(),
         )
 
     return run

@@ -198,8 +198,7 @@ def _medv_program(
     image_weight,
     image_newline_mask,
     row_keys,
-    temperature,
-    cfg_scale,
+    knobs,
     *,
     config: MedVConfig,
     plan,
@@ -222,8 +221,7 @@ def _medv_program(
         embeds,
         key_mask,
         row_keys,
-        temperature,
-        cfg_scale,
+        knobs,
         logits_processor,
     )
 
@@ -241,8 +239,7 @@ def _program_inputs(config, batch, rng, sampler_config, logits_processor):
         jnp.asarray(batch.image_weight),
         jnp.asarray(batch.image_newline_mask),
         diffusion.row_keys_for(rng, b),
-        jnp.float32(sampler_config.temperature),
-        jnp.float32(sampler_config.cfg_scale),
+        sampler_config._knobs(),
     )
     static = dict(config=config, plan=sampler_config._plan(), logits_processor=logits_processor)
     return args, static
