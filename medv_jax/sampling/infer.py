@@ -4,6 +4,9 @@
         --question_file questions.jsonl --image_folder IMAGES --answers_file answers.jsonl \\
         [--batch_size 8 --gen_length 128 --block_length 128 --steps 128 ...]
 
+    (or --tfds vqa_rad:test [--tfds_data_dir DIR] instead of --question_file/--image_folder:
+    the questions of a built TFDS split, see medv_jax.data.tfds_vqa)
+
 Question rows: ``{"question_id": ..., "image": "relative/path.png", "text": "..."}`` (any
 ``<image>`` in the text is removed and the image placed first, as LLaVA-Med's model_vqa does).
 Answer rows: ``{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`` with
@@ -45,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_model_args(parser)
     g = parser.add_argument_group("data")
-    g.add_argument("--question_file", "--question-file", required=True, help="questions .jsonl")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--question_file", "--question-file", help="questions .jsonl")
+    src.add_argument("--tfds", metavar="NAME:SPLIT", help="questions of a built TFDS set instead, e.g. vqa_rad:test")
+    g.add_argument("--tfds_data_dir", default=None, help="TFDS data folder of --tfds (default ~/tensorflow_datasets)")
     g.add_argument("--image_folder", "--image-folder", default="", help="folder image paths are relative to")
     g.add_argument("--answers_file", "--answers-file", required=True, help="answers .jsonl (appended)")
     g.add_argument("--model_id", default=None, help="model_id written in answers (default: checkpoint folder name)")
@@ -70,6 +76,19 @@ def read_questions(path: str) -> Iterator[tuple[int, Any, str]]:
                 yield i, row, ""
             except ValueError as e:
                 yield i, None, f"line {i + 1}: bad question row ({e})"
+
+
+def tfds_questions(spec: str, data_dir: str | None) -> Iterator[tuple[int, Any, str]]:
+    """read_questions' rows from a TFDS split: question_id = the record id, text = the first
+    human turn without <image>, image = the cached image file (an absolute path)."""
+    from medv_jax.data.tfds_vqa import read_split
+
+    for i, rec in enumerate(read_split(spec, data_dir)):
+        text = next(t["value"] for t in rec["conversations"] if t["from"] == "human")
+        row = {"question_id": rec["id"], "text": text.replace("<image>", "").strip()}
+        if rec.get("image"):
+            row["image"] = rec["image"]
+        yield i, row, ""
 
 
 def answered_ids(path: str) -> set[str]:
@@ -113,7 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = answered_ids(args.answers_file)
     todo, bad = [], []
     seen = set(done)
-    for index, row, error in read_questions(args.question_file):
+    if args.question_file:
+        rows = read_questions(args.question_file)
+    else:
+        try:
+            rows = list(tfds_questions(args.tfds, args.tfds_data_dir))
+        except (ValueError, OSError) as e:
+            print(f"error: --tfds {args.tfds}: {e}", file=sys.stderr)
+            return 2
+    for index, row, error in rows:
         if row is None:
             bad.append(error)
             print(f"skipping {error}", file=sys.stderr)

@@ -106,7 +106,19 @@ def data_sources(config: ml_collections.ConfigDict):
         return synthetic.make_splits(d.train_size, d.test_size, seed=d.seed, task=d.task)
     if d.source == "json":
         return _load_json_records(d.train_path), (_load_json_records(d.test_path) if d.test_path else None)
-    raise ValueError(f"config.data.source={d.source!r}: expected 'synthetic' or 'json'")
+    if d.source == "tfds":  # data.tfds = "NAME:SPLIT" (e.g. "vqa_rad:train"), data.tfds_test optional
+        if not d.get("tfds"):
+            raise ValueError('config.data.source="tfds" needs config.data.tfds = "NAME:SPLIT", e.g. "vqa_rad:train"')
+        test = d.get("tfds_test")
+        return _load_tfds_records(d.tfds, d.get("tfds_data_dir")), (
+            _load_tfds_records(test, d.get("tfds_data_dir")) if test else None)
+    raise ValueError(f"config.data.source={d.source!r}: expected 'synthetic', 'json' or 'tfds'")
+
+
+def _load_tfds_records(spec: str, data_dir: str | None):
+    from medv_jax.data.tfds_vqa import read_split
+
+    return pipeline.RecordList(read_split(spec, data_dir or None), name=spec)
 
 
 def _load_json_records(path: str):

@@ -290,3 +290,85 @@ def test_cache_names_are_flat_and_distinct():
     assert out[0] == "synpic1.jpg" and len(set(out)) == len(out)
     assert all("/" not in o and not o.startswith(".") for o in out)
     assert out[1] == tfds_vqa.cache_name("xmlab1/source.jpg")  # deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# Consumers: the trainer's data source, infer --tfds, evaluate vqa --tfds
+
+
+@pytest.fixture(scope="module")
+def built_vqa_rad(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqa_rad")
+    fake_vqa_rad(root / "manual")
+    builders.build("vqa_rad", str(root / "manual"), str(root / "data"))
+    return root
+
+
+def test_trainer_tfds_source(built_vqa_rad):
+    import ml_collections
+
+    from medv_jax.data import pipeline, synthetic, testing
+    from medv_jax.data.anyres import ImageConfig
+    from medv_jax.train import trainer
+
+    data_dir = str(built_vqa_rad / "data")
+    config = ml_collections.ConfigDict({"data": {"source": "tfds", "tfds": "vqa_rad:train",
+                                                 "tfds_test": "vqa_rad:test", "tfds_data_dir": data_dir}})
+    train, test = trainer.data_sources(config)
+    assert isinstance(train, pipeline.RecordList) and len(train) == 2 and len(test) == 4
+    assert [test[i] for i in range(4)] == tfds_vqa.read_split("vqa_rad:test", data_dir)
+    assert "vqa_rad:train" in repr(train)
+    # the records go through the batch pipeline as JSON records do (images read from the cache)
+    tok = testing.load_test_tokenizer(built_vqa_rad / "tok", words=synthetic.vocabulary(), special_ids_base=0)
+    cfg = pipeline.BatchConfig(batch_size=2, max_length=64, image=ImageConfig(crop_size=32, patches_per_side=4),
+                               system_prompt=None)
+    batch = next(iter(pipeline.make_loader(train, tok, cfg, shuffle=False, shard_index=0, shard_count=1)))
+    assert list(batch["example_id"]) == ["0", "2"] and batch["pixels"].shape == (2, 1, 32, 32, 3)
+    config.data.tfds = ""
+    with pytest.raises(ValueError, match="config.data.tfds"):
+        trainer.data_sources(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import jax
+
+    from medv_jax import checkpoint
+    from medv_jax.data.testing import build_test_tokenizer
+    from medv_jax.data.tokenizer import load_tokenizer
+    from medv_jax.models import medv
+    from medv_jax.sampling import multimodal
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tok_dir = build_test_tokenizer(root / "tokenizer", special_ids_base=0)
+    tokenizer = load_tokenizer(tok_dir)
+    config = medv.MEDV_PRESETS["medv_tiny"]
+    vocab = multimodal.round_up(multimodal.tokenizer_vocab_size(tokenizer), 64)
+    config = multimodal.with_tokenizer_ids(config.replace(lm=config.lm.replace(vocab_size=vocab)), tokenizer)
+    params = jax.jit(medv.init_params, static_argnums=0)(config, jax.random.key(0))
+    return str(checkpoint.save_pretrained(root / "ckpt", config, params)), str(tok_dir)
+
+
+def test_infer_and_evaluate_with_tfds(built_vqa_rad, tiny_checkpoint, tmp_path, capsys):
+    from medv_jax.sampling import infer
+
+    data_dir = str(built_vqa_rad / "data")
+    ckpt, tok = tiny_checkpoint
+    answers = tmp_path / "answers.jsonl"
+    flags = ["--checkpoint", ckpt, "--tokenizer", tok, "--tfds", "vqa_rad:test", "--tfds_data_dir", data_dir,
+             "--answers_file", str(answers), "--batch_size", "2", "--no_progress",
+             "--gen_length", "4", "--block_length", "4", "--steps", "2"]
+    assert infer.main(flags) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["1", "3", "3#2", "5"]
+    assert [r["prompt"] for r in rows] == ["What organ is shown?", "Is this an MRI?", "Is it normal?", "Which side?"]
+    assert infer.main(flags) == 0  # resume: nothing left
+    assert len(answers.read_text().splitlines()) == 4
+    capsys.readouterr()
+    bad = ["--checkpoint", ckpt, "--tokenizer", tok, "--tfds", "vqa_rad:dev", "--tfds_data_dir", data_dir,
+           "--answers_file", str(tmp_path / "x.jsonl")]
+    assert infer.main(bad) == 2
+    assert "no split 'validation'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one question source only
+        infer.build_parser().parse_args(["--checkpoint", ckpt, "--tfds", "a:b", "--question_file", "q",
+                                         "--answers_file", "x"])
