@@ -13,7 +13,8 @@ answer's ``seconds`` is its call's wall time over the answers written by that ca
 model loading and compilation, amortised over the call's answers (negligible for a full test split,
 dominant for a handful of questions). Token counts re-encode the answer text with the tokenizer
 (the sampler's exact count before the stop token is not written by infer; special tokens that
-decoding drops are not counted).
+decoding drops are not counted, and a byte-level tokenizer may split re-encoded text differently).
+Where answer rows carry ``num_tokens`` / ``seconds`` (top level or in ``metadata``), those win.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ def timed_answers(run_dir: str, tokenizer: Any | None = None) -> list[dict[str, 
     records = []
     for record in load_answers(run_dir):
         record = dict(record)
+        # Exact figures written by the sampler, where a version of infer records them, win.
+        metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+        for name in ("num_tokens", "seconds"):
+            if name not in record and metadata.get(name) is not None:
+                record[name] = metadata[name]
         key = id_key(record.get("question_id"))
         if key in seconds and "seconds" not in record:
             record["seconds"] = seconds[key]

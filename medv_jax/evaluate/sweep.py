@@ -181,6 +181,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, ngram: int) -> None
         ax.set_xlabel("steps N")
         ax.set_title(label, fontsize=10)
         ax.set_xscale("log", base=2)
+        steps = sorted({r["steps"] for r in rows})
+        ax.set_xticks(steps, [str(n) for n in steps])  # the swept values, not powers of two
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
