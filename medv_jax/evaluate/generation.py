@@ -47,8 +47,11 @@ ANSWERS = "answers.jsonl"
 QUESTIONS = "questions.jsonl"
 TIMING = "timing.jsonl"
 
-# Flags of infer that the evaluation commands set themselves (per run folder).
-_OWN_INFER_FLAGS = ("question_file", "image_folder", "answers_file", "no_progress", "help")
+# Flags of infer that the evaluation commands set themselves (per run folder), or that mean
+# something else there: the questions always come from the run folder's question file (a --tfds
+# split is read by the evaluation command), and --limit is applied to the records before.
+_OWN_INFER_FLAGS = ("question_file", "image_folder", "answers_file", "no_progress", "help",
+                    "tfds", "tfds_data_dir", "limit")
 
 
 def add_generation_arguments(

@@ -86,7 +86,7 @@ def read_questions(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]
             from medv_jax.data.tfds_vqa import read_split
         except ImportError as err:
             raise ValueError(f"--tfds needs medv_jax.data.tfds_vqa ({err})") from None
-        return list(read_split(args.tfds, data_dir=args.data_dir)), f"tfds {args.tfds}"
+        return list(read_split(args.tfds, data_dir=args.tfds_data_dir)), f"tfds {args.tfds}"
     return load_records(args.questions), args.questions
 
 
@@ -94,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--questions", help="test questions with answers (JSON list or JSONL)")
     source.add_argument("--tfds", help="a TFDS split as NAME:SPLIT (e.g. vqa_rad:test)")
-    parser.add_argument("--data_dir", default=None, help="TFDS data folder (with --tfds)")
+    parser.add_argument("--tfds_data_dir", default=None,
+                        help="TFDS data folder of --tfds (default: TFDS's, ~/tensorflow_datasets)")
     parser.add_argument("--out", required=True, help="run folder (created; reruns resume)")
     parser.add_argument("--name", default=None, help="run name in reports (default: RUN_DIR's name)")
     parser.add_argument("--dataset", default=None,

@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
                      "out": run_dir, "name": os.path.basename(run_dir)}
         setting_args = argparse.Namespace(**{**vars(args), **overrides})
         if args.task == "vqa":
-            setting_args.tfds, setting_args.data_dir, setting_args.dataset = None, None, None
+            setting_args.tfds, setting_args.tfds_data_dir, setting_args.dataset = None, None, None
             run_vqa.run(setting_args, overrides, quiet=True)
         else:
             conversation.run_conversation(setting_args, overrides, quiet=True)

@@ -1,0 +1,58 @@
+"""The evaluation commands hand generation to medv_jax.sampling.infer: the forwarded command line
+must parse with infer's own parser and carry every model / sampler / batching value."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from medv_jax.evaluate import generation, run_vqa
+from medv_jax.sampling import infer
+
+
+def _args(extra: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    run_vqa.add_arguments(parser)
+    return parser.parse_args(["--checkpoint", "ck", "--tokenizer", "tok", "--out", "run"] + extra)
+
+
+def test_infer_argv_parses_with_infer_and_keeps_every_value(tmp_path):
+    args = _args(["--tfds", "vqa_rad:test", "--tfds_data_dir", "/data", "--limit", "5",
+                  "--gen_length", "64", "--block_length", "32", "--steps", "16", "--temperature", "0.5",
+                  "--cfg_scale", "1.5", "--seed", "3", "--batch_size", "4", "--prompt_length", "128",
+                  "--image_folder", "imgs", "--question_suffix", " Answer concisely.", "--no_progress"])
+    argv = generation.infer_argv(args, "q.jsonl", "a.jsonl", {"steps": 32})
+    parsed = infer.build_parser().parse_args(argv)
+    # The run folder's question file, never the TFDS split or the record limit (applied before).
+    assert parsed.question_file == "q.jsonl" and parsed.tfds is None and parsed.limit is None
+    assert parsed.answers_file == "a.jsonl" and parsed.image_folder == "imgs" and parsed.no_progress
+    for dest, action in ((a.dest, a) for a in infer.build_parser()._actions if a.option_strings):
+        if dest in ("help", "question_file", "answers_file", "tfds", "tfds_data_dir", "limit",
+                    "image_folder", "no_progress"):
+            continue
+        want = 32 if dest == "steps" else getattr(args, dest)  # the override wins
+        assert getattr(parsed, dest) == want, dest
+
+
+def test_question_rows_from_llava_and_flat_records():
+    records = [
+        {"id": "a1", "image": "x.png", "answer_type": "CLOSED",
+         "conversations": [{"from": "human", "value": "<image>\nIs it?"}, {"from": "gpt", "value": "yes"}]},
+        {"question_id": 2, "text": "Where?", "answer": "left", "answer_type": "OPEN"},
+    ]
+    assert run_vqa.question_rows(records, "f.json") == [
+        {"question_id": "a1", "text": "<image>\nIs it?", "image": "x.png"},
+        {"question_id": 2, "text": "Where?"},
+    ]
+
+
+def test_timed_answers_spreads_each_call_over_its_answers(tmp_path):
+    answers = [{"question_id": i, "text": "a b"} for i in (1, 2, 3)]
+    answers.append({"question_id": 4, "text": "c", "metadata": {"seconds": 9.0, "num_tokens": 7}})
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    timing = [{"answered": 2, "wall_seconds": 3.0, "question_ids": ["1", "2"]},
+              {"answered": 1, "wall_seconds": 0.5, "question_ids": ["3"]}]
+    (tmp_path / "timing.jsonl").write_text("".join(json.dumps(t) + "\n" for t in timing))
+    rows = generation.timed_answers(str(tmp_path))
+    assert [r.get("seconds") for r in rows] == [1.5, 1.5, 0.5, 9.0]  # the row's own figure wins
+    assert [r.get("num_tokens") for r in rows] == [None, None, None, 7]
