@@ -1,6 +1,8 @@
-"""Evaluation of LLaDA-MedV: LLaVA-Med's VQA metrics and response-length statistics.
+"""Evaluation of LLaDA-MedV: LLaVA-Med's VQA metrics and response-length statistics, end-to-end
+VQA runs, the judge-scored open conversation benchmark, sampling sweeps and result pages.
 
-Command line: ``python -m medv_jax.evaluate {vqa,lengths} ...`` (see ``__main__.py``).
+Command line: ``python -m medv_jax.evaluate {vqa,lengths,run-vqa,run-conversation,judge,sweep,
+report} ...`` (see ``__main__.py``).
 """
 
 from medv_jax.evaluate.response_length import LengthStats, length_stats
