@@ -56,3 +56,27 @@ def test_timed_answers_spreads_each_call_over_its_answers(tmp_path):
     rows = generation.timed_answers(str(tmp_path))
     assert [r.get("seconds") for r in rows] == [1.5, 1.5, 0.5, 9.0]  # the row's own figure wins
     assert [r.get("num_tokens") for r in rows] == [None, None, None, 7]
+
+
+def test_tfds_questions_come_from_read_split(monkeypatch):
+    """--tfds reads the split through medv_jax.data.tfds_vqa.read_split (imported lazily); its
+    records (absolute image paths, lower-case answer types) become rows and references."""
+    import sys
+    import types
+
+    calls = []
+
+    def read_split(spec, data_dir=None):
+        calls.append((spec, data_dir))
+        return [{"id": "rad_1", "image": "/cache/images/synpic1.jpg", "answer_type": "closed",
+                 "conversations": [{"from": "human", "value": "<image>\nIs it?"},
+                                   {"from": "gpt", "value": "yes"}]}]
+
+    monkeypatch.setitem(sys.modules, "medv_jax.data.tfds_vqa", types.SimpleNamespace(read_split=read_split))
+    args = _args(["--tfds", "vqa_rad:test", "--tfds_data_dir", "/data"])
+    records, where = run_vqa.read_questions(args)
+    assert calls == [("vqa_rad:test", "/data")] and where == "tfds vqa_rad:test"
+    assert run_vqa.question_rows(records, where)[0]["image"] == "/cache/images/synpic1.jpg"
+    from medv_jax.evaluate.vqa_scoring import references_from_records
+
+    assert references_from_records(records)[0].answer_type == "closed"
