@@ -1,0 +1,50 @@
+"""A tiny random MedV checkpoint with the test tokenizer (compact special ids), as the sampling
+command tests build it, plus image files written here."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from medv_jax import checkpoint
+from medv_jax.data.testing import build_test_tokenizer
+from medv_jax.data.tokenizer import load_tokenizer
+from medv_jax.models import medv
+from medv_jax.sampling import multimodal
+
+
+def build_tiny_checkpoint(root) -> dict:
+    tok_dir = build_test_tokenizer(root / "tokenizer", special_ids_base=0)
+    tokenizer = load_tokenizer(tok_dir)
+    vocab = multimodal.round_up(multimodal.tokenizer_vocab_size(tokenizer), 64)
+    config = medv.MEDV_PRESETS["medv_tiny"]
+    config = multimodal.with_tokenizer_ids(config.replace(lm=config.lm.replace(vocab_size=vocab)), tokenizer)
+    params = jax.jit(medv.init_params, static_argnums=0)(config, jax.random.key(0))
+    # Sharper output distributions than the 0.02-std init, and an end-of-turn that can win
+    # (so answers stop early and replays have several frames).
+    kernel = params["lm"]["lm_head"]["kernel"] * 30.0
+    kernel = kernel.at[:, config.lm.eot_token_id].multiply(3.0)
+    params["lm"]["lm_head"]["kernel"] = kernel
+    ckpt = checkpoint.save_pretrained(root / "ckpt", config, params)
+
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(images / "scan.png")
+    Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)).save(images / "scan.jpg", quality=90)
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(100))
+    (images / "notes.txt").write_text("not an image\n")
+    return dict(root=root, tokenizer=str(tok_dir), checkpoint=str(ckpt), images=images, config=config)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny):
+    from medv_jax.serve import engine as eng
+
+    return eng.Engine(eng.load_model(tiny["checkpoint"], tiny["tokenizer"]), prompt_bucket=64)
