@@ -359,8 +359,11 @@ def _finish(
             print(format_conversation_table(scores))
             print(f"\njudge: {metrics['judge_requests']} request(s) sent, "
                   f"{metrics['judge_cached']} judgement(s) from the cache", file=sys.stderr)
-            for failure in failed:
+            for failure in failed[:10]:  # all of them are in metrics.json and judgements.jsonl
                 print(f"judge failed on question {failure['question_id']!r}: {failure['error']}",
+                      file=sys.stderr)
+            if len(failed) > 10:
+                print(f"... and {len(failed) - 10} more judge failures (see {JUDGEMENTS})",
                       file=sys.stderr)
     if not quiet and metrics["response_length"]:
         print()
