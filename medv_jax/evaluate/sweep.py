@@ -101,7 +101,13 @@ def summarise_run(run_dir: str, setting: Setting, tokenizer: Any, ngram: int) ->
         metrics = json.load(handle)
     answers = generation.timed_answers(run_dir, tokenizer)
     texts = [str(a.get("text", "")) for a in answers]
-    ids = [tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
+    # The generated ids where the answer row carries them, else the text re-encoded (see
+    # generation's note on token counts).
+    ids = [
+        list((a.get("metadata") or {}).get("token_ids") or [])
+        or (tokenizer.encode(t, add_special_tokens=False) if t else [])
+        for a, t in zip(answers, texts)
+    ]
     rep = repetition_stats(texts, ids, n=ngram)
     lengths = metrics.get("response_length") or {}
     return {
