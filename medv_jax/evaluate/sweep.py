@@ -36,6 +36,7 @@ __all__ = ["grid", "parse_setting", "setting_dir", "summarise_run", "write_table
            "add_arguments", "run", "COLUMNS"]
 
 Setting = tuple[int, int, int]  # (gen_length, block_length, steps)
+_SCHEDULE = ("gen_length", "block_length", "steps")
 
 #: (key, header, digits) of the summary table, score columns first (filled per task).
 COLUMNS: tuple[tuple[str, str, int], ...] = (
@@ -211,12 +212,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--no_judge", action="store_true", help="conversation task: skip the judge")
     generation.add_generation_arguments(parser, gen_length=128, block_length=128, steps=128)
+    # The single-setting schedule flags of the shared sampler group are set per grid point.
+    for action in parser._actions:
+        if action.dest in _SCHEDULE:
+            action.help, action.default = argparse.SUPPRESS, None
     conversation.add_judge_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from medv_jax.data import tokenizer as tok_lib
 
+    given = [f"--{name}" for name in _SCHEDULE if getattr(args, name, None) is not None]
+    if given:
+        raise ValueError(f"sweep takes the grid flags (--gen_lengths, --block_lengths, --step_counts "
+                         f"or --settings L:B:N), not {', '.join(given)}")
     settings, skipped = grid(args.gen_lengths, args.block_lengths, args.step_counts,
                              [parse_setting(s) for s in args.settings])
     for message in skipped:

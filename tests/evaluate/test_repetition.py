@@ -64,3 +64,11 @@ def test_grid_keeps_valid_settings_in_order():
     assert parse_setting("256:64:256") == (256, 64, 256) == parse_setting("256/64/256")
     with pytest.raises(ValueError, match="--settings '256:64'"):
         parse_setting("256:64")
+
+
+def test_sweep_rejects_single_setting_flags(capsys):
+    from medv_jax.evaluate.__main__ import main
+
+    assert main(["sweep", "--questions", "q.jsonl", "--out", "o", "--checkpoint", "c", "--tokenizer", "t",
+                 "--settings", "8:8:8", "--steps", "4"]) == 2
+    assert "not --steps" in capsys.readouterr().err
