@@ -7,7 +7,14 @@ from typing import Any, Sequence
 
 from medv_jax.models.llada import LLaDAConfig
 from medv_jax.models.medv import MedVConfig
-from medv_jax.sampling.diffusion import REMASKING, SamplerConfig
+from medv_jax.sampling.diffusion import (
+    CACHE_MODES,
+    REMASKING,
+    AdaptiveStop,
+    CachePolicy,
+    SamplerConfig,
+    ThresholdSelection,
+)
 from medv_jax.sampling.multimodal import SYSTEM_PROMPTS, with_tokenizer_ids
 
 MASK_PLACEHOLDER = "_"
@@ -47,9 +54,71 @@ def add_sampler_args(parser: argparse.ArgumentParser, defaults: SamplerConfig = 
     g.add_argument("--remasking", default=defaults.remasking, choices=list(REMASKING))
     g.add_argument("--cfg_scale", type=float, default=defaults.cfg_scale, help="classifier-free guidance")
     g.add_argument("--seed", type=int, default=0)
+    f = parser.add_argument_group("fast sampling (opt-in, approximate unless stated)")
+    f.add_argument(
+        "--cache",
+        default="none",
+        choices=["none", *CACHE_MODES],
+        help="KV cache: prefix (prompt and finished blocks cached; each step runs the current block "
+        "onward) or dual (the masked tail cached too; each step runs the current block only)",
+    )
+    f.add_argument(
+        "--cache_refresh",
+        type=int,
+        default=CachePolicy().refresh_every,
+        help="refresh the cache at each block start and every this many steps (1 = exact)",
+    )
+    f.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="parallel decoding: also commit every masked position of the block whose confidence "
+        "exceeds this (in [0, 1]; 1.0 = exact); default off",
+    )
+    f.add_argument(
+        "--adaptive_stop",
+        action="store_true",
+        help="end a row's block once its draft is stable and confident (see --stop_patience, --stop_entropy)",
+    )
+    f.add_argument(
+        "--stop_patience",
+        type=int,
+        default=AdaptiveStop().patience,
+        help="adaptive stop: steps the draft must stay unchanged",
+    )
+    f.add_argument(
+        "--stop_entropy",
+        type=float,
+        default=AdaptiveStop().max_entropy,
+        help="adaptive stop: mean entropy (nats) of the draft's masked positions must be below this",
+    )
 
 
 def sampler_config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplerConfig:
+    """The SamplerConfig the flags describe; a bad value exits (status 2) naming its flag."""
+
+    def build(flag: str, make):
+        try:
+            return make()
+        except ValueError as e:
+            parser.error(f"{flag}: {e}")
+            raise
+
+    cache = None
+    if args.cache != "none":
+        cache = build("--cache_refresh", lambda: CachePolicy(args.cache, args.cache_refresh))
+    elif args.cache_refresh != CachePolicy().refresh_every:
+        parser.error("--cache_refresh needs --cache prefix or --cache dual")
+    selection = None
+    if args.threshold is not None:
+        selection = build("--threshold", lambda: ThresholdSelection(args.threshold))
+    adaptive = None
+    if args.adaptive_stop:
+        adaptive = build(
+            "--stop_patience/--stop_entropy", lambda: AdaptiveStop(args.stop_patience, args.stop_entropy)
+        )
+    elif (args.stop_patience, args.stop_entropy) != (AdaptiveStop().patience, AdaptiveStop().max_entropy):
+        parser.error("--stop_patience/--stop_entropy need --adaptive_stop")
     try:
         return SamplerConfig(
             gen_length=args.gen_length,
@@ -58,10 +127,35 @@ def sampler_config_from(args: argparse.Namespace, parser: argparse.ArgumentParse
             temperature=args.temperature,
             remasking=args.remasking,
             cfg_scale=args.cfg_scale,
+            cache=cache,
+            selection=selection,
+            adaptive_stop=adaptive,
         )
     except ValueError as e:
-        parser.error(str(e))  # exits with status 2 and the message naming the flag
+        message = str(e)
+        if message.startswith("selection"):
+            message = "--threshold: " + message
+        parser.error(message)  # exits with status 2 and the message naming the flag
         raise
+
+
+def sampler_summary(config: SamplerConfig, seed: int) -> dict:
+    """The sampler settings as a JSON-able dict (for --json output and logs)."""
+    return {
+        "gen_length": config.gen_length,
+        "block_length": config.block_length,
+        "steps": config.steps,
+        "temperature": config.temperature,
+        "remasking": config.remasking,
+        "cfg_scale": config.cfg_scale,
+        "cache": None if config.cache is None else config.cache.mode,
+        "cache_refresh": None if config.cache is None else config.cache.refresh_every,
+        "threshold": None if config.selection is None else config.selection.threshold,
+        "adaptive_stop": None
+        if config.adaptive_stop is None
+        else {"patience": config.adaptive_stop.patience, "max_entropy": config.adaptive_stop.max_entropy},
+        "seed": seed,
+    }
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:

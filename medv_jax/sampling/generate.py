@@ -2,13 +2,15 @@
 
     python -m medv_jax.sampling.generate --checkpoint DIR --tokenizer DIR --image PATH \\
         --question TEXT [--gen_length 128 --block_length 128 --steps 128 --temperature 0 \\
-        --remasking low_confidence --cfg_scale 0 --seed 0] [--json] [--show_steps]
+        --remasking low_confidence --cfg_scale 0 --seed 0] [--json] [--show_steps] \\
+        [--cache prefix|dual --cache_refresh 8] [--threshold 0.9] [--adaptive_stop]
 
 Builds the SPEC 3 prompt (system prompt selectable), runs the jitted sampler and prints the
-answer. ``--json`` prints the answer, its token ids, the steps used and timings (load, preprocess,
-compile, sample). ``--show_steps`` prints the answer canvas after every step, masked positions shown
-as ``_`` (replayed from the step each token was committed at). A LLaDA (text-only) checkpoint works
-without ``--image``.
+answer. ``--json`` prints the answer, its token ids, the steps used, the cache refreshes and
+timings (load, preprocess, compile, sample). ``--show_steps`` prints the answer canvas after
+every step, masked positions shown as ``_`` (replayed from the step each token was committed at).
+A LLaDA (text-only) checkpoint works without ``--image``. The fast modes (``--cache``,
+``--threshold``, ``--adaptive_stop``; see ``medv_jax.sampling.diffusion``) are opt-in.
 """
 from __future__ import annotations
 
@@ -112,15 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stopped": length < sampler_config.gen_length,
             "steps_used": steps_run,
             "prompt_tokens": int(len(row.tokens)),
-            "sampler": {
-                "gen_length": sampler_config.gen_length,
-                "block_length": sampler_config.block_length,
-                "steps": sampler_config.steps,
-                "temperature": sampler_config.temperature,
-                "remasking": sampler_config.remasking,
-                "cfg_scale": sampler_config.cfg_scale,
-                "seed": args.seed,
-            },
+            "cache_refreshes": int(np.sum(out.refreshed[0])),
+            "sampler": cli.sampler_summary(sampler_config, args.seed),
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "device": str(jax.devices()[0].platform),
         }

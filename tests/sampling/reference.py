@@ -6,6 +6,11 @@ random draws follow the convention documented in ``medv_jax.sampling.diffusion``
 step key ``fold_in(key, t)`` for the global step ``t``, Gumbel noise from ``fold_in(step_key, 0)``
 with shape ``[block_length, vocab]``, "random" confidences from ``fold_in(step_key, 1)`` with
 shape ``[block_length]``. Confidences are computed in float64 here (as the PyTorch reference).
+
+Optional fast-mode token selection (``config.selection``: threshold decoding; ``config.adaptive_stop``)
+as ``medv_jax.sampling.diffusion`` documents them, for a batch of one row (the jitted sampler
+advances blocks for the whole batch at once). No KV cache here: cached modes are approximations
+of this same loop and are tested by their own properties.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ def reference_sample(lm_config, params, prompt_embeds, key, config, logits_proce
         out = forward(params, jnp.asarray(canvas[None]))
         return np.array(out[0, prompt_len:], np.float32)  # generated region only (a writable copy)
 
+    threshold = None if config.selection is None else config.selection.threshold
+    adaptive = config.adaptive_stop
     for block in range(num_blocks):
         lo, hi = block * block_len, (block + 1) * block_len
         if stop is not None and stop <= lo:
@@ -64,12 +71,15 @@ def reference_sample(lm_config, params, prompt_embeds, key, config, logits_proce
         n = sum(1 for j in range(lo, hi) if not committed[j])
         counts = [n // steps_per_block + (1 if i < n % steps_per_block else 0)
                   for i in range(steps_per_block)]
+        previous_draft, stable = None, 0
         for i in range(steps_per_block):
-            t = block * steps_per_block + i
             end = hi if stop is None else min(hi, stop)
             eligible = [j for j in range(lo, end) if not committed[j]]
             if not eligible:
                 break
+            # Global step = steps run so far (the exact schedule gives block * steps_per_block +
+            # i; with fast modes a block may end early).
+            t = steps_run
             steps_run += 1
 
             gen = np.stack([table[tokens[j]] if committed[j] else table[mask_id]
@@ -110,13 +120,40 @@ def reference_sample(lm_config, params, prompt_embeds, key, config, logits_proce
                 else:
                     confidence[j] = float(uniform[j - lo])
             chosen = sorted(eligible, key=lambda j: (-confidence[j], j))[: counts[i]]
+            if threshold is not None:  # plus everything strictly above the threshold
+                chosen += [j for j in eligible if j not in chosen and confidence[j] > threshold]
             for j in chosen:
                 tokens[j] = candidate[j]
                 committed[j] = True
                 commit_step[j] = t
+            if adaptive is not None:
+                # Draft: committed tokens, else the argmax; cut after its first end-of-turn.
+                draft = []
+                for j in range(lo, end):
+                    draft.append(tokens[j] if committed[j] else int(np.argmax(logits[j])))
+                    if draft[-1] == eot_id:
+                        break
+                stable = stable + 1 if i > 0 and draft == previous_draft else 0
+                previous_draft = draft
+                still = [j for j in range(lo, lo + len(draft)) if not committed[j]]
+                entropies = []
+                for j in still:
+                    r64 = logits[j].astype(np.float64)
+                    logp = r64 - r64.max() - np.log(np.exp(r64 - r64.max()).sum())
+                    p = np.exp(logp)
+                    entropies.append(-np.sum(p[p > 0] * logp[p > 0]))
+                mean_entropy = float(np.mean(entropies)) if still else 0.0
+                if stable >= adaptive.patience and mean_entropy < adaptive.max_entropy:
+                    for j in still:  # commit the whole draft
+                        tokens[j] = draft[j - lo]
+                        committed[j] = True
+                        commit_step[j] = t
             eots = [j for j in range(gen_len) if committed[j] and tokens[j] == eot_id]
             if eots:
                 stop = min(eots) if stop is None else min(stop, min(eots))
+            end = hi if stop is None else min(hi, stop)
+            if not any(not committed[j] for j in range(lo, end)):
+                break  # the block is filled (or the row stopped inside it)
     return dict(
         tokens=np.asarray(tokens, np.int32),
         answer_length=gen_len if stop is None else stop,
