@@ -54,6 +54,11 @@ def canvas_html(model: eng.Model, frame: Sequence[int | None] | None, caption: s
     return f'{cap}<div class="canvas">{body}</div>'
 
 
+def final_text(answer: eng.Answer) -> str:
+    """The chat bubble of a finished answer."""
+    return answer.text if answer.text else "(empty answer: end of turn at the first position)"
+
+
 def stats_markdown(a: eng.Answer) -> str:
     compiled = (
         f" · compile {a.compile_s:.2f} s (first use of this prompt length / schedule)" if a.compile_s else ""
@@ -229,8 +234,7 @@ def build_app(
                         info_html("Generating…"), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
                     )
                     time.sleep(delay)
-            final = answer.text if answer.text else "(empty answer: end of turn at the first position)"
-            chat_value = chat_value + [{"role": "assistant", "content": final}]
+            chat_value = chat_value + [{"role": "assistant", "content": final_text(answer)}]
             history = list(history or []) + [(q, answer.text)]
             yield (
                 chat_value,
