@@ -21,11 +21,13 @@ Inference prompts (`make_prompt_batches`, for the sampler): the same image array
 generation prompt (`<|start_header_id|>assistant<|end_header_id|>\\n\\n`), plus `answer`,
 `answer_type`, `question` (str [B]) and `valid` (bool [B], False on filler rows of the last batch).
 
-Grain: `make_loader` returns a `grain.python.DataLoader` over an `IndexSampler` (shuffled per
-epoch with `seed`, sharded by `jax.process_index()/process_count()` unless shard arguments are
-given), so `it = iter(loader)` has `it.get_state()` / `it.set_state(state)` for exact resume
-(orbax's `grain.python.PyGrainCheckpointHandler` saves that state). Sources must have a stable
-`repr` (grain checks it on restore): `SyntheticMedVQA` has one; wrap lists in `RecordList`.
+Grain: `make_loader` returns a `grain.python.DataLoader` whose elements are whole batches planned
+by a pure function of (seed, epoch) (`plan_epoch`: shuffled per epoch; optionally length-bucketed,
+see `BatchConfig.length_buckets`), each process encoding its own rows of every global batch
+(default `jax.process_index()/process_count()`). So `it = iter(loader)` has `it.get_state()` /
+`it.set_state(state)` for exact resume (orbax's `grain.python.PyGrainCheckpointHandler` saves that
+state), and the batches are the same for any `worker_count`. Sources must have a stable `repr`
+(grain checks it on restore): `SyntheticMedVQA` has one; wrap lists in `RecordList`.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from typing import Any
 
 import grain.python as gp
 import numpy as np
+from PIL import Image as PILImage
 
 from medv_jax.data import conversation as conv
 from medv_jax.data import image as image_lib
@@ -83,6 +86,10 @@ class BatchConfig:
     too_long: "raise" (SampleTooLongError naming the id), "skip" (drop it, logged with its id) or
       "truncate" (cut the text at max_length, never through the image; see truncate_sample).
     image_root: folder that relative image paths in records are read from.
+    length_buckets: per-batch lengths (below max_length) to pad batches to, e.g. (64, 128, 256);
+      empty: every batch is max_length long. Records are batched with others of similar length
+      (sorted within windows of `bucket_window` batches of a shuffled epoch). Each distinct
+      length compiles the train step once, so keep the set small.
     """
 
     batch_size: int = 8
@@ -94,6 +101,8 @@ class BatchConfig:
     system_prompt: str | None = conv.MEDICAL_SYSTEM_PROMPT
     too_long: str = "raise"
     image_root: str | None = None
+    length_buckets: tuple[int, ...] = ()
+    bucket_window: int = 64
 
     def __post_init__(self):
         if self.text_format not in ("conversation", "caption"):
@@ -102,6 +111,9 @@ class BatchConfig:
             raise ValueError(f"too_long must be 'raise', 'skip' or 'truncate', got {self.too_long!r}")
         if min(self.batch_size, self.max_length, self.prompt_length, self.max_crops) <= 0:
             raise ValueError("batch_size, max_length, prompt_length and max_crops must be positive")
+        if any(int(b) <= 0 for b in self.length_buckets) or self.bucket_window <= 0:
+            raise ValueError(f"length_buckets {self.length_buckets} and bucket_window must be positive")
+        object.__setattr__(self, "length_buckets", tuple(sorted(int(b) for b in self.length_buckets)))
 
     @property
     def tokens_per_crop(self) -> int:
@@ -344,68 +356,235 @@ def padding_fraction(batch: Mapping[str, np.ndarray], pad_id: int) -> float:
     return float(1.0 - real.sum() / tokens.size)
 
 
-def sequence_lengths(records: Any, tokenizer: Any, config: BatchConfig, limit: int | None = None) -> np.ndarray:
-    """Formatted lengths (before padding) of the first `limit` records: to choose T and P."""
+def _image_size(src: Any, config: BatchConfig) -> tuple[int, int]:
+    """(width, height) of a record's image without decoding pixels (only anyres needs it)."""
+    if isinstance(src, np.ndarray):
+        return int(src.shape[1]), int(src.shape[0])
+    if hasattr(src, "size") and not isinstance(src, (str, os.PathLike)):
+        return tuple(src.size)  # PIL image
+    path = os.fspath(src)
+    if config.image_root and not os.path.isabs(path):
+        path = os.path.join(config.image_root, path)
+    if image_io._is_dicom_path(path):  # rare: read it as the pipeline will
+        return image_io.load_image(path).size
+    try:
+        with PILImage.open(path) as img:  # reads the header only
+            return img.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise image_io.ImageReadError(f"cannot read image file {path!r}: {e}") from e
+
+
+def record_length(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig) -> int:
+    """A record's formatted training length (image tokens included) before padding, read cheaply:
+    tokenization is cached and the image is not preprocessed (its size only matters for anyres)."""
+    src = record.get("image")
+    n_img = None
+    if src is not None:
+        size = _image_size(src, config) if config.image.is_anyres else (config.image.crop_size,) * 2
+        n_img = image_layout.num_image_tokens(size, config.image)
+    return len(_format(record, tokenizer, config, n_img, None))
+
+
+def sequence_lengths(records: Any, tokenizer: Any, config: BatchConfig, limit: int | None = None,
+                     progress: bool = False) -> np.ndarray:
+    """Formatted lengths (before padding) of the first `limit` records: to choose T, P and the
+    length buckets."""
+    from tqdm import tqdm
+
     src = as_source(records)
     n = len(src) if limit is None else min(limit, len(src))
-    out = []
-    for i in range(n):
-        rec = src[i]
-        image = _load_image(rec, config)
-        n_img = None if image.layout is None else image.layout.num_tokens
-        out.append(len(_format(rec, tokenizer, config, n_img, None)))
-    return np.asarray(out, np.int64)
+    return np.asarray([record_length(src[i], tokenizer, config)
+                       for i in tqdm(range(n), desc="record lengths", unit="rec", disable=not progress)], np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
-# grain
+# grain: a source of whole batches
+#
+# Each grain element is one global batch, planned by a pure function of (seed, epoch): which
+# records, in which rows, padded to which length. This process encodes its own rows of it. So:
+# batches do not depend on worker_count (grain hands whole elements to workers and restores their
+# order), every process of a multi-host run uses the same per-batch length (global arrays need
+# one shape), and the iterator state (the next element index) resumes exactly.
 
 
-class EncodeExample(gp.MapTransform):
-    """grain MapTransform: record -> padded row, or None for a too-long record under
-    too_long="skip" (logged with its id; `DropSkipped` removes it). Picklable for worker processes."""
-
-    def __init__(self, tokenizer: Any, config: BatchConfig):
-        self.tokenizer = tokenizer
-        self.config = config
-
-    def map(self, record):
-        try:
-            return encode_example(record, self.tokenizer, self.config)
-        except SampleTooLongError as e:
-            if self.config.too_long == "raise":
-                raise
-            log.warning("skipping %s", e)
-            return None
+def bucket_lengths(config: BatchConfig) -> tuple[int, ...]:
+    """The per-batch lengths in use: the configured buckets below max_length, then max_length."""
+    return tuple(sorted({b for b in config.length_buckets if b < config.max_length} | {config.max_length}))
 
 
-class DropSkipped(gp.FilterTransform):
-    """grain FilterTransform dropping the None rows of skipped records."""
-
-    def filter(self, element) -> bool:
-        return element is not None
-
-
-class _Collate:
-    """Picklable batch_fn: stacks rows, filling up to `batch_size` when given."""
-
-    def __init__(self, batch_size: int | None, pad_id: int):
-        self.batch_size, self.pad_id = batch_size, pad_id
-
-    def __call__(self, rows):
-        return collate(rows, self.batch_size, self.pad_id)
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length (the last bucket for longer ones: they raise, skip or truncate)."""
+    i = int(np.searchsorted(np.asarray(buckets), length))
+    return int(buckets[min(i, len(buckets) - 1)])
 
 
-def shard_options(shard_index: int | None = None, shard_count: int | None = None):
-    """grain ShardOptions: explicit (index, count), or this JAX process's slice by default.
-    Every shard gets the same number of records (the remainder is dropped)."""
-    if (shard_index is None) != (shard_count is None):
-        raise ValueError("give both shard_index and shard_count, or neither")
-    if shard_index is None:
-        return gp.ShardByJaxProcess(drop_remainder=True)
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
-    return gp.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Global batches of one epoch: `rows[j]` holds the record indices of batch j (-1 = filler row),
+    shape [num_batches, batch_size * shard_count]; `lengths[j]` its padded length T_j."""
+
+    rows: np.ndarray
+    lengths: np.ndarray
+
+
+def plan_epoch(num_records: int, global_batch: int, epoch: int, *, seed: int, shuffle: bool,
+               drop_remainder: bool, record_lengths: np.ndarray | None = None,
+               buckets: Sequence[int] = (), window: int = 64) -> BatchPlan:
+    """The batches of `epoch` (a pure function of its arguments).
+
+    Records are permuted with seed (seed, epoch) when `shuffle`. With `record_lengths` (-1 marks
+    a record to leave out), each window of `window` batches is sorted by length and cut into
+    batches, each padded to the smallest bucket holding its longest record, and (when shuffling)
+    the batch order is permuted, so short and long batches mix over the epoch.
+    drop_remainder=False keeps the last partial batch (its missing rows are fillers)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_records) if shuffle else np.arange(num_records)
+    buckets = tuple(buckets) or (0,)
+    if record_lengths is not None:
+        order = order[record_lengths[order] >= 0]
+    n = len(order)
+    if record_lengths is not None and len(buckets) > 1:
+        w = global_batch * window
+        chunks = [order[i:i + w] for i in range(0, n, w)]
+        # stable sort (by length, then position) so ties keep the permutation's order
+        order = np.concatenate([c[np.argsort(record_lengths[c], kind="stable")] for c in chunks]) if chunks else order
+    num_batches = n // global_batch if drop_remainder else -(-n // global_batch)
+    rows = np.full((num_batches, global_batch), -1, np.int64)
+    flat = order[:num_batches * global_batch]
+    rows.reshape(-1)[:len(flat)] = flat
+    if record_lengths is not None and len(buckets) > 1:
+        longest = np.where(rows >= 0, record_lengths[np.maximum(rows, 0)], 0).max(axis=1, initial=0)
+        lengths = np.asarray([bucket_for(int(x), buckets) for x in longest], np.int64)
+        if shuffle:
+            perm = rng.permutation(num_batches)
+            rows, lengths = rows[perm], lengths[perm]
+    else:
+        lengths = np.full(num_batches, buckets[-1], np.int64)
+    return BatchPlan(rows, lengths)
+
+
+def padding_waste(plan: BatchPlan, record_lengths: np.ndarray) -> float:
+    """Fraction of a plan's token positions that are padding (filler rows included)."""
+    real = np.where(plan.rows >= 0, record_lengths[np.maximum(plan.rows, 0)], 0).sum()
+    total = (plan.lengths[:, None] * np.ones_like(plan.rows)).sum()
+    return float(1.0 - real / max(total, 1))
+
+
+def _filler_row(config: BatchConfig, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A row that trains nothing: PAD tokens, labels ignored, key_mask False, no image."""
+    c, s = config.max_crops, config.image.crop_size
+    return {
+        "tokens": np.full(length, pad_id, np.int32),
+        "labels": np.full(length, IGNORE_INDEX, np.int32),
+        "key_mask": np.zeros(length, bool),
+        "pixels": np.zeros((c, s, s, 3), np.float32),
+        "image_index": np.zeros((length, TAPS), np.int32),
+        "image_weight": np.zeros((length, TAPS), np.float32),
+        "image_newline_mask": np.zeros(length, bool),
+        "example_id": np.asarray(""),
+    }
+
+
+_SEQ_KEYS = ("tokens", "labels", "key_mask", "image_index", "image_weight", "image_newline_mask")
+
+
+def encode_batch(records: Sequence[Mapping[str, Any] | None], length: int, tokenizer: Any,
+                 config: BatchConfig) -> dict[str, np.ndarray]:
+    """Rows (None = filler) -> one training batch of shape [len(records), length]. A too-long
+    record raises (too_long="raise") or becomes a filler row, logged with its id ("skip")."""
+    pad_id = tok_lib.special_token_ids(tokenizer).pad
+    rows = []
+    for rec in records:
+        row = None
+        if rec is not None:
+            try:
+                row = encode_example(rec, tokenizer, config)
+            except SampleTooLongError as e:
+                if config.too_long == "raise":
+                    raise
+                log.warning("skipping %s", e)
+        if row is None:
+            rows.append(_filler_row(config, length, pad_id))
+            continue
+        if length < config.max_length:
+            # positions >= length hold only EOS padding (the plan chose length >= the record's)
+            row = {k: (v[:length] if k in _SEQ_KEYS else v) for k, v in row.items()}
+        rows.append(row)
+    return {k: np.stack([r[k] for r in rows]) for k in TRAIN_KEYS}
+
+
+class PlannedBatches:
+    """grain source of whole training batches: element g is global batch g (epoch g // per_epoch)
+    of the plan, encoded for this process's rows. Picklable; stable repr for resume checks."""
+
+    def __init__(self, records: Any, tokenizer: Any, config: BatchConfig, *, seed: int, shuffle: bool,
+                 drop_remainder: bool, shard_index: int, shard_count: int,
+                 record_lengths: np.ndarray | None = None, window: int = 64, num_epochs: int | None = None):
+        self.records, self.tokenizer, self.config = records, tokenizer, config
+        self.num_epochs = num_epochs
+        self.seed, self.shuffle, self.drop_remainder, self.window = seed, shuffle, drop_remainder, window
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.record_lengths = record_lengths
+        self.buckets = bucket_lengths(config) if record_lengths is not None else (config.max_length,)
+        self.global_batch = config.batch_size * shard_count
+        self.per_epoch = len(self._plan(0).rows)
+        lengths_digest = ("none" if record_lengths is None else
+                          hashlib.sha1(np.ascontiguousarray(record_lengths).tobytes()).hexdigest()[:12])
+        self._repr = (f"PlannedBatches(records={records!r}, batch={config.batch_size}x{shard_count}, "
+                      f"shard={shard_index}, seed={seed}, shuffle={shuffle}, drop_remainder={drop_remainder}, "
+                      f"buckets={self.buckets}, window={window}, epochs={num_epochs}, lengths={lengths_digest})")
+
+    def _plan(self, epoch: int) -> BatchPlan:
+        cache = self.__dict__.setdefault("_cache", {})
+        if epoch not in cache:
+            if len(cache) > 2:
+                cache.clear()
+            cache[epoch] = plan_epoch(len(self.records), self.global_batch, epoch, seed=self.seed,
+                                      shuffle=self.shuffle, drop_remainder=self.drop_remainder,
+                                      record_lengths=self.record_lengths, buckets=self.buckets,
+                                      window=self.window)
+        return cache[epoch]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_cache", None)
+        return state
+
+    def __len__(self) -> int:
+        # grain reads element (index % len): the length must cover every epoch (2**62 ~ forever)
+        return self.per_epoch * self.num_epochs if self.num_epochs is not None else 2**62
+
+    def batch(self, index: int) -> tuple[list[int], int]:
+        """(this process's record indices (-1 = filler), padded length) of global batch `index`."""
+        if self.per_epoch == 0:
+            raise IndexError("no batches: fewer records than one global batch")
+        plan = self._plan(index // self.per_epoch)
+        j = index % self.per_epoch
+        b = self.config.batch_size
+        return [int(i) for i in plan.rows[j, self.shard_index * b:(self.shard_index + 1) * b]], int(plan.lengths[j])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        indices, length = self.batch(int(index))
+        recs = [self.records[i] if i >= 0 else None for i in indices]
+        return encode_batch(recs, length, self.tokenizer, self.config)
+
+    def __repr__(self) -> str:
+        return self._repr
+
+
+class _BatchIndexSampler:
+    """grain sampler: element g -> global batch g, for num_batches batches (None: forever)."""
+
+    def __init__(self, num_batches: int | None):
+        self.num_batches = num_batches
+
+    def __getitem__(self, index: int):
+        if self.num_batches is not None and index >= self.num_batches:
+            raise IndexError(index)
+        return gp.RecordMetadata(index=index, record_key=index)
+
+    def __repr__(self) -> str:
+        return f"_BatchIndexSampler(num_batches={self.num_batches})"
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -415,6 +594,18 @@ def _ensure_absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if (shard_index is None) != (shard_count is None):
+        raise ValueError("give both shard_index and shard_count, or neither")
+    if shard_index is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
+    return shard_index, shard_count
 
 
 def make_loader(
@@ -431,6 +622,7 @@ def make_loader(
     shard_count: int | None = None,
     read_threads: int = 2,
     prefetch: int | None = None,
+    record_lengths: np.ndarray | None = None,
 ):
     """A grain DataLoader of training batches (see the module docstring for the contract).
 
@@ -438,33 +630,60 @@ def make_loader(
     seed/shuffle: a different permutation each epoch, the same for the same seed.
     num_epochs: None repeats forever. drop_remainder=False keeps the last partial batch, filled up
       to batch_size with filler rows (key_mask False, labels -100, example_id "") - for evaluation.
-    worker_count: grain worker processes (0: in this process; reading still uses `read_threads`).
-    shard_index/shard_count: this process's slice; default jax.process_index()/process_count().
+    worker_count: grain worker processes (0: in this process); batches are the same for any count.
+    shard_index/shard_count: this process's rows of each global batch; default
+      jax.process_index()/process_count().
+    Length bucketing: with `config.length_buckets`, each batch is padded to the smallest bucket
+      (or max_length) holding its longest record and records of similar length are batched
+      together (within windows of `config.bucket_window` batches), so few shapes are compiled and
+      padding is low. Record lengths are computed once (`sequence_lengths`) unless given.
 
     `it = iter(loader)`; `next(it)`; `it.get_state()` -> bytes; a fresh `iter(loader)` with
     `set_state(state)` continues with exactly the same next batch.
     """
     source = as_source(records)
+    index, count = _shard(shard_index, shard_count)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
-    sampler = gp.IndexSampler(
-        num_records=len(source),
-        shard_options=shard_options(shard_index, shard_count),
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=seed if shuffle else None,
-    )
-    pad_id = tok_lib.special_token_ids(tokenizer).pad
-    b = config.batch_size
-    batch_fn = _Collate(None if drop_remainder else b, pad_id)
-    ops = [EncodeExample(tokenizer, config), DropSkipped(),
-           gp.Batch(batch_size=b, drop_remainder=drop_remainder, batch_fn=batch_fn)]
+    if config.length_buckets and record_lengths is None:
+        record_lengths = sequence_lengths(source, tokenizer, config, progress=len(source) >= 1000)
+    if record_lengths is not None:
+        record_lengths = np.asarray(record_lengths, np.int64).copy()
+        if len(record_lengths) != len(source):
+            raise ValueError(f"record_lengths has {len(record_lengths)} entries for {len(source)} records")
+        over = record_lengths > config.max_length
+        if config.too_long == "truncate":
+            record_lengths = np.minimum(record_lengths, config.max_length)
+        elif over.any():
+            ids = [conv.sample_id_of(source[int(i)]) for i in np.flatnonzero(over)[:5]]
+            if config.too_long == "raise":
+                raise SampleTooLongError(ids[0], f"{int(record_lengths[over][0])} tokens exceed max_length "
+                                         f"{config.max_length} ({int(over.sum())} such records, e.g. {ids})")
+            log.warning("skipping %d records longer than max_length %d, e.g. %s", int(over.sum()),
+                        config.max_length, ids)
+            record_lengths[over] = -1
+    batches = PlannedBatches(source, tokenizer, config, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder,
+                             shard_index=index, shard_count=count, record_lengths=record_lengths,
+                             window=config.bucket_window, num_epochs=num_epochs)
+    if batches.per_epoch == 0:
+        raise ValueError(f"{len(source)} records (after skipping) make no batch of {batches.global_batch} rows "
+                         f"({config.batch_size} per process x {count} processes) with drop_remainder=True")
+    if record_lengths is not None:
+        plan = batches._plan(0)
+        fixed = plan_epoch(len(source), batches.global_batch, 0, seed=seed, shuffle=shuffle,
+                           drop_remainder=drop_remainder, record_lengths=record_lengths,
+                           buckets=(config.max_length,))
+        log.info("length buckets %s: padding %.1f%% of tokens (%.1f%% at a fixed %d); batch lengths used: %s",
+                 batches.buckets, 100 * padding_waste(plan, record_lengths),
+                 100 * padding_waste(fixed, record_lengths), config.max_length,
+                 dict(collections.Counter(int(x) for x in plan.lengths)))
     return gp.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=ops,
+        data_source=batches,
+        sampler=_BatchIndexSampler(None if num_epochs is None else len(batches)),
+        operations=[],
         worker_count=worker_count,
-        read_options=gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch or 2 * b),
+        shard_options=gp.NoSharding(),
+        read_options=gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch or 2),
     )
 
 

@@ -103,7 +103,11 @@ def initial_params(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig
 def data_sources(config: ml_collections.ConfigDict):
     d = config.data
     if d.source == "synthetic":
-        return synthetic.make_splits(d.train_size, d.test_size, seed=d.seed, task=d.task)
+        # Extra dialogue turns are a training device: the test split keeps one question per image,
+        # as in the VQA benchmarks.
+        kw = dict(task=d.task, closed_fraction=d.get("closed_fraction", 0.5))
+        return (synthetic.SyntheticMedVQA("train", d.train_size, seed=d.seed, turns=d.get("turns", 1), **kw),
+                synthetic.SyntheticMedVQA("test", d.test_size, seed=d.seed, **kw))
     if d.source == "json":
         return _load_json_records(d.train_path), (_load_json_records(d.test_path) if d.test_path else None)
     if d.source == "tfds":  # data.tfds = "NAME:SPLIT" (e.g. "vqa_rad:train"), data.tfds_test optional
@@ -141,6 +145,7 @@ def batch_config(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, 
         system_prompt=system_prompt_for(d.system_prompt),
         too_long=d.too_long,
         image_root=d.get("image_root") or None,
+        length_buckets=tuple(d.get("length_buckets") or ()),  # e.g. (256, 512, 1024): pad per batch
     )
 
 
@@ -295,15 +300,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     log = MetricsLog(workdir)
     preempt = _Preemption().install()
     batch = first
-    tokens_per_step = t.global_batch * config.data.max_length
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
     step = start_step
     last_loss = float("nan")
+    eos_id = tok_lib.special_token_ids(tokenizer).eos
+    # padding fraction of the batches (EOS padding and filler rows): since the last log, and in all
+    pad_window, pad_sum, pad_steps, n_tokens = [], 0.0, 0, 0
     t_loop = time.time()
     try:
         while step < total_steps:
             data_state = it.get_state()  # the state *after* this batch: resume continues from here
+            pad_window.append(pipeline.padding_fraction(batch, eos_id))
+            n_tokens += batch["tokens"].size * n_proc  # positions computed (per-batch lengths vary)
             device_batch, ids = _device_batch(batch, mesh)
             state, metrics = train_step(state, device_batch)
             step += 1
@@ -315,7 +324,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                         f"{[str(i) for i in ids]}; the last good checkpoint is kept")
                 last_loss = metrics["loss"]
                 elapsed = time.time() - t_loop
-                metrics["tokens_per_s"] = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                metrics["tokens_per_s"] = n_tokens / max(elapsed, 1e-9)
+                metrics["padding_fraction"] = float(np.mean(pad_window))
+                pad_sum, pad_steps = pad_sum + sum(pad_window), pad_steps + len(pad_window)
+                pad_window = []
                 log.write(step, metrics)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
@@ -335,6 +347,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         log.close()
     train_seconds = time.time() - t_start
     summary: dict[str, Any] = {"steps": step, "final_loss": last_loss, "train_seconds": round(train_seconds, 1)}
+    if pad_steps:  # over this run's logged steps: how much of the batches was padding (data.length_buckets)
+        summary["padding_fraction"] = round(pad_sum / pad_steps, 4)
     if eval_batches:
         summary["held_out_loss"] = _held_out_loss(eval_loss, state, eval_batches, mesh)
     if config.eval.num_examples and test_source is not None:
