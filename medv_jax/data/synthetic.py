@@ -334,6 +334,11 @@ class SyntheticConfig:
     closed_fraction: probability that a vqa record asks a closed question.
     closed_families / open_families: which question families to ask (see CLOSED_FAMILIES,
       OPEN_FAMILIES); a family is drawn uniformly, then a question of it uniformly.
+    turns: question-answer turns per vqa record, all about the same image (a multi-turn dialogue
+      as in LLaVA-Med's instruction data). The first turn is drawn exactly as a single-turn record
+      (balanced answers); later turns ask further, distinct questions (closed or open as above)
+      answered from the scene, so they carry the scene's prior. More turns give more supervised
+      answers per image for little extra compute.
     """
 
     task: str = "vqa"
@@ -341,6 +346,7 @@ class SyntheticConfig:
     closed_fraction: float = 0.5
     closed_families: tuple[str, ...] = CLOSED_FAMILIES
     open_families: tuple[str, ...] = OPEN_FAMILIES
+    turns: int = 1
 
     def __post_init__(self):
         if self.task not in ("vqa", "caption"):
@@ -357,6 +363,8 @@ class SyntheticConfig:
             raise ValueError("closed questions requested but no closed family given")
         if self.closed_fraction < 1 and not self.open_families:
             raise ValueError("open questions requested but no open family given")
+        if self.turns < 1:
+            raise ValueError(f"turns must be >= 1, got {self.turns}")
 
 
 class SyntheticMedVQA:
@@ -418,20 +426,46 @@ class SyntheticMedVQA:
             answer = q.answers[rng.integers(len(q.answers))]
             scene = sample_scene_where(rng, lambda s: q.answer(s) == answer)
             answer_type = "open"
-        return dict(scene=scene, question=q.text, answer=answer, answer_type=answer_type, question_type=q.family)
+        out = dict(scene=scene, question=q.text, answer=answer, answer_type=answer_type, question_type=q.family)
+        if self.config.turns > 1:
+            out["more_turns"] = self._more_turns(scene, q, rng)
+        return out
+
+    def _more_turns(self, scene: Scene, first: Any, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """(question, answer) of turns 2.., distinct questions answerable on `scene`."""
+        asked, turns = {first.text}, []
+        candidates = [q for f in self._closed.values() for q in f]
+        candidates += [q for f in self._open.values() for q in f]
+        for _ in range(self.config.turns - 1):
+            closed = rng.uniform() < self.config.closed_fraction
+            pool = [q for q in candidates if q.text not in asked and isinstance(q, ClosedQuestion) == closed
+                    and (closed or q.answer(scene) is not None)]
+            if not pool:  # that kind is used up: take any unasked answerable question
+                pool = [q for q in candidates if q.text not in asked
+                        and (isinstance(q, ClosedQuestion) or q.answer(scene) is not None)]
+            if not pool:
+                break
+            q = pool[rng.integers(len(pool))]
+            asked.add(q.text)
+            answer = ("yes" if q.truth(scene) else "no") if isinstance(q, ClosedQuestion) else q.answer(scene)
+            turns.append((q.text, answer))
+        return turns
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         rng = self.rng(index)
         d = self._describe(index, rng)
         pixels = render_scene(d["scene"], self.config.image_size, rng)
+        conversations = [
+            {"from": "human", "value": f"<image>\n{d['question']}"},
+            {"from": "gpt", "value": d["answer"]},
+        ]
+        for question, answer in d.get("more_turns", ()):
+            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         return {
             "id": f"synth-{self.split}-{index}",
             "image": Image.fromarray(pixels, mode="L"),
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{d['question']}"},
-                {"from": "gpt", "value": d["answer"]},
-            ],
+            "conversations": conversations,
             "answer_type": d["answer_type"],
             "question_type": d["question_type"],
             "template": d["question"],

@@ -76,6 +76,31 @@ def test_answers_are_true_of_the_scene():
         assert len(d["scene"].lesions) <= S.MAX_LESIONS
 
 
+def test_multi_turn_records_ask_distinct_true_questions_about_one_image():
+    single, multi = S.SyntheticMedVQA("train", 300, seed=2), S.SyntheticMedVQA("train", 300, seed=2, turns=3)
+    by_text = {q.text: q for q in S.CLOSED_QUESTIONS + S.OPEN_QUESTIONS}
+    kinds = Counter()
+    for i in range(len(multi)):
+        r, first = multi[i], single.describe(i)
+        conv_ = r["conversations"]
+        assert [c["from"] for c in conv_] == ["human", "gpt"] * 3
+        assert conv_[0]["value"] == f"<image>\n{first['question']}" and conv_[1]["value"] == first["answer"]
+        assert all("<image>" not in c["value"] for c in conv_[2:])
+        questions = [conv_[0]["value"].split("\n", 1)[1]] + [c["value"] for c in conv_[2::2]]
+        assert len(set(questions)) == 3, questions
+        scene = S.Scene(**{**r["meta"], "lesions": tuple(S.Lesion(**l) for l in r["meta"]["lesions"])})
+        for question, answer in zip(questions[1:], [c["value"] for c in conv_[3::2]]):
+            q = by_text[question]
+            kinds[isinstance(q, S.ClosedQuestion)] += 1
+            if isinstance(q, S.ClosedQuestion):
+                assert q.truth(scene) == (answer == "yes"), (i, question, answer)
+            else:
+                assert q.answer(scene) == answer, (i, question, answer)
+    assert kinds[True] > 200 and kinds[False] > 200  # closed_fraction 0.5 holds for later turns too
+    with pytest.raises(ValueError, match="turns"):
+        S.SyntheticConfig(turns=0)
+
+
 def _lesion_disks(scene, size):
     c = (np.arange(size) + 0.5) / size
     xx, yy = np.meshgrid(c, c)
