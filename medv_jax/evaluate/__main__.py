@@ -53,12 +53,16 @@ def _add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
         "--predictions", required=True,
         help="answer file (JSONL or JSON list): question_id and text (or answer / prediction)",
     )
-    parser.add_argument(
-        "--references", required=True,
+    refs = parser.add_mutually_exclusive_group(required=True)
+    refs.add_argument(
+        "--references",
         help="test questions (JSONL or JSON list): question_id or id, answer_type CLOSED/OPEN, "
         "ground truth in answer (gt_answer, gpt_answer, ground_truth) or the gpt turn of "
         "conversations",
     )
+    refs.add_argument("--tfds", metavar="NAME:SPLIT",
+                      help="references from a built TFDS split instead (e.g. vqa_rad:test)")
+    parser.add_argument("--tfds_data_dir", default=None, help="TFDS data folder of --tfds")
     parser.add_argument("--output", help="write the metrics (and per-question scores) as JSON here")
     parser.add_argument(
         "--allow_missing", action="store_true",
@@ -67,7 +71,14 @@ def _add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_vqa(args: argparse.Namespace) -> int:
-    references = load_references(args.references)
+    if args.tfds:
+        from medv_jax.data.tfds_vqa import read_split
+        from medv_jax.evaluate.vqa_scoring import references_from_records
+
+        args.references = f"tfds {args.tfds}"
+        references = references_from_records(read_split(args.tfds, args.tfds_data_dir), where=args.references)
+    else:
+        references = load_references(args.references)
     prediction_records = load_records(args.predictions)
     predictions = predictions_from_records(prediction_records, where=args.predictions)
     scores = score_vqa(references, predictions, allow_missing=args.allow_missing)

@@ -364,6 +364,13 @@ def test_infer_and_evaluate_with_tfds(built_vqa_rad, tiny_checkpoint, tmp_path, 
     assert [r["prompt"] for r in rows] == ["What organ is shown?", "Is this an MRI?", "Is it normal?", "Which side?"]
     assert infer.main(flags) == 0  # resume: nothing left
     assert len(answers.read_text().splitlines()) == 4
+    from medv_jax.evaluate.__main__ import main as evaluate
+
+    out = tmp_path / "scores.json"
+    assert evaluate(["vqa", "--predictions", str(answers), "--tfds", "vqa_rad:test", "--tfds_data_dir", data_dir,
+                     "--output", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert (scores["n_closed"], scores["n_open"], scores["n_missing"]) == (2, 2, 0)
     capsys.readouterr()
     bad = ["--checkpoint", ckpt, "--tokenizer", tok, "--tfds", "vqa_rad:dev", "--tfds_data_dir", data_dir,
            "--answers_file", str(tmp_path / "x.jsonl")]
@@ -372,3 +379,24 @@ def test_infer_and_evaluate_with_tfds(built_vqa_rad, tiny_checkpoint, tmp_path, 
     with pytest.raises(SystemExit):  # one question source only
         infer.build_parser().parse_args(["--checkpoint", ckpt, "--tfds", "a:b", "--question_file", "q",
                                          "--answers_file", "x"])
+
+
+def test_evaluate_vqa_with_tfds_references(built_vqa_rad, tmp_path, capsys):
+    """Predictions equal to the ground truths score 100; wrong ones 0: the references (answers,
+    types, ids) come through --tfds intact."""
+    from medv_jax.evaluate.__main__ import main as evaluate
+
+    data_dir = str(built_vqa_rad / "data")
+    right = {"1": "brain", "3": "yes", "3#2": "no", "5": "left"}
+    wrong = {"1": "heart", "3": "no", "3#2": "yes", "5": "right"}
+    for preds, want in ((right, 100.0), (wrong, 0.0)):
+        path = tmp_path / "preds.jsonl"
+        path.write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n" for k, v in preds.items()))
+        out = tmp_path / "scores.json"
+        assert evaluate(["vqa", "--predictions", str(path), "--tfds", "vqa_rad:test", "--tfds_data_dir", data_dir,
+                         "--output", str(out)]) == 0
+        scores = json.loads(out.read_text())
+        assert scores["closed_accuracy"] == scores["open_recall"] == want
+        assert scores["references"] == "tfds vqa_rad:test"
+    assert evaluate(["vqa", "--predictions", str(path), "--tfds", "vqa_rad:nope", "--tfds_data_dir", data_dir]) == 2
+    assert "no split 'nope'" in capsys.readouterr().err
