@@ -400,3 +400,18 @@ def test_evaluate_vqa_with_tfds_references(built_vqa_rad, tmp_path, capsys):
         assert scores["references"] == "tfds vqa_rad:test"
     assert evaluate(["vqa", "--predictions", str(path), "--tfds", "vqa_rad:nope", "--tfds_data_dir", data_dir]) == 2
     assert "no split 'nope'" in capsys.readouterr().err
+
+
+def test_build_and_show_commands(tmp_path, capsys):
+    from medv_jax.data.tfds.__main__ import main
+
+    manual, data = tmp_path / "manual", tmp_path / "data"
+    fake_slake(manual)
+    assert main(["build", "slake", "--manual_dir", str(manual), "--data_dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "slake:test: 2 examples, 2 records" in out and "slake:train: 2 examples, 2 records" in out
+    assert main(["show", "slake:train", "--data_dir", str(data), "-n", "1"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip())
+    assert rec["id"] == "0" and rec["conversations"][1] == {"from": "gpt", "value": "Yes"}
+    assert main(["build", "slake", "--manual_dir", str(tmp_path / "none"), "--data_dir", str(data)]) == 2
+    assert "none" in capsys.readouterr().err
