@@ -1,7 +1,6 @@
 """TFDS builders on fake releases written here in the official file layouts, and read_split."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
