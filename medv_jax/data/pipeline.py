@@ -515,12 +515,12 @@ def encode_batch(records: Sequence[Mapping[str, Any] | None], length: int, token
 
 class PlannedBatches:
     """grain source of whole training batches: element g is global batch g (epoch g // per_epoch)
-    of the plan, encoded for this process's rows. Picklable; stable repr for resume checks."""
+    of the plan, this process's rows of it. Picklable; stable repr for resume checks."""
 
-    def __init__(self, records: Any, tokenizer: Any, config: BatchConfig, *, seed: int, shuffle: bool,
+    def __init__(self, records: Any, config: BatchConfig, *, seed: int, shuffle: bool,
                  drop_remainder: bool, shard_index: int, shard_count: int,
                  record_lengths: np.ndarray | None = None, window: int = 64, num_epochs: int | None = None):
-        self.records, self.tokenizer, self.config = records, tokenizer, config
+        self.records, self.config = records, config
         self.num_epochs = num_epochs
         self.seed, self.shuffle, self.drop_remainder, self.window = seed, shuffle, drop_remainder, window
         self.shard_index, self.shard_count = shard_index, shard_count
@@ -563,13 +563,25 @@ class PlannedBatches:
         b = self.config.batch_size
         return [int(i) for i in plan.rows[j, self.shard_index * b:(self.shard_index + 1) * b]], int(plan.lengths[j])
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """This process's records of global batch `index` (None = filler) and the batch length.
+        Encoding happens in `EncodeBatch`, outside grain's reading threads: the tokenizer and
+        the formatting cache are not shared between threads."""
         indices, length = self.batch(int(index))
-        recs = [self.records[i] if i >= 0 else None for i in indices]
-        return encode_batch(recs, length, self.tokenizer, self.config)
+        return {"records": [self.records[i] if i >= 0 else None for i in indices], "length": length}
 
     def __repr__(self) -> str:
         return self._repr
+
+
+class EncodeBatch(gp.MapTransform):
+    """grain MapTransform: a planned batch's records -> the training batch (`encode_batch`)."""
+
+    def __init__(self, tokenizer: Any, config: BatchConfig):
+        self.tokenizer, self.config = tokenizer, config
+
+    def map(self, element):
+        return encode_batch(element["records"], element["length"], self.tokenizer, self.config)
 
 
 class _BatchIndexSampler:
@@ -662,7 +674,7 @@ def make_loader(
             log.warning("skipping %d records longer than max_length %d, e.g. %s", int(over.sum()),
                         config.max_length, ids)
             record_lengths[over] = -1
-    batches = PlannedBatches(source, tokenizer, config, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder,
+    batches = PlannedBatches(source, config, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder,
                              shard_index=index, shard_count=count, record_lengths=record_lengths,
                              window=config.bucket_window, num_epochs=num_epochs)
     if batches.per_epoch == 0:
@@ -680,7 +692,7 @@ def make_loader(
     return gp.DataLoader(
         data_source=batches,
         sampler=_BatchIndexSampler(None if num_epochs is None else len(batches)),
-        operations=[],
+        operations=[EncodeBatch(tokenizer, config)],
         worker_count=worker_count,
         shard_options=gp.NoSharding(),
         read_options=gp.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch or 2),
