@@ -31,7 +31,7 @@ CSS = """
 #canvas .canvas { font-family: ui-monospace, Consolas, monospace; white-space: pre-wrap;
   word-break: break-word; padding: 0.5em; border: 1px solid #cbd5e1; border-radius: 6px;
   min-height: 2.5em; }
-#canvas .mask { color: #94a3b8; }
+#canvas .mask { color: #64748b; background: #e2e8f0; }
 """
 
 
@@ -136,7 +136,7 @@ def build_app(
                     elem_id="window",
                 )
                 preview = gr.Image(
-                    label="What the model sees", type="pil", interactive=False, elem_id="preview", height=260
+                    label="Loaded image (DICOM: after windowing)", type="pil", interactive=False, elem_id="preview", height=260
                 )
             with gr.Column(scale=2):
                 chat = gr.Chatbot(value=[], label="Chat", elem_id="chat", height=300)
@@ -258,7 +258,7 @@ def build_app(
             t = min(max(int(t), 1), len(frames))
             return frames[t - 1]
 
-        replay.release(on_replay, [replay, frames_state], canvas)
+        replay.change(on_replay, [replay, frames_state], canvas)
 
         clear.click(
             lambda: ([], [], canvas_html(model, None), "", gr.update(visible=False), info_html("New chat.")),

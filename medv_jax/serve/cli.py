@@ -24,6 +24,9 @@ DEMO_WORKDIR = os.path.join("workdir", "demo")  # configs/demo.py's c.workdir
 # gen_length = block_length = steps = 4 (c.eval); tests/serve checks these against the config.
 DEMO_SYSTEM_PROMPT = "none"
 DEMO_SAMPLER = SamplerConfig(gen_length=4, block_length=4, steps=4)
+# Prompts are padded to a multiple of this many tokens: a chat recompiles only when its prompt
+# crosses into a new bucket.
+PROMPT_BUCKET = 128
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale")
 
 HOW_TO_TRAIN = (
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--examples_dir", default=None, help="where the example files are written (default: ~/.cache/medv_jax/serve_examples)")
     s.add_argument("--replay_seconds", type=float, default=2.0, help="duration of the unmasking replay (0: off)")
-    s.add_argument("--prompt_bucket", type=int, default=64, help="prompts are padded to a multiple of this")
+    s.add_argument("--prompt_bucket", type=int, default=PROMPT_BUCKET, help="prompts are padded to a multiple of this")
     s.add_argument("--max_queue", type=int, default=32, help="requests waiting beyond this are refused")
     s.add_argument("--no_warmup", action="store_true", help="skip the start-up compilation")
     return parser

@@ -341,7 +341,7 @@ class Engine:
     lock: one generation at a time on the device (the page's queue already does this; the lock
     keeps direct callers safe too)."""
 
-    def __init__(self, model: Model, prompt_bucket: int = 64):
+    def __init__(self, model: Model, prompt_bucket: int = 128):
         if prompt_bucket <= 0:
             raise ValueError(f"prompt_bucket={prompt_bucket} must be positive")
         self.model = model

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from medv_jax import checkpoint
+from medv_jax.data.synthetic import SyntheticMedVQA
 from medv_jax.data.testing import build_test_tokenizer
 from medv_jax.data.tokenizer import load_tokenizer
 from medv_jax.models import medv
@@ -48,7 +49,8 @@ def build_tiny_checkpoint(root) -> dict:
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(images / "scan.png")
+    # A held-out synthetic scan (grey PNG), as a user would upload.
+    SyntheticMedVQA("test", 4, seed=0, image_size=128)[2]["image"].save(images / "scan.png")
     Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)).save(images / "scan.jpg", quality=90)
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(100))
     (images / "notes.txt").write_text("not an image\n")
@@ -64,4 +66,6 @@ def tiny(tmp_path_factory):
 def engine(tiny):
     from medv_jax.serve import engine as eng
 
-    return eng.Engine(eng.load_model(tiny["checkpoint"], tiny["tokenizer"]), prompt_bucket=64)
+    from medv_jax.serve import cli
+
+    return eng.Engine(eng.load_model(tiny["checkpoint"], tiny["tokenizer"]), prompt_bucket=cli.PROMPT_BUCKET)

@@ -184,6 +184,14 @@ def test_chat_with_an_image_and_watch_it_unmask(server, scan, page, engine, tmp_
     ask(page, "Which side?", 1)
     assert bot_messages(page) == [final_text(want), final_text(follow)]
 
+    # Scrub the replay back to step 2: the canvas as it stood then (masked positions and all).
+    assert len(follow.frames) >= 2
+    page.fill("#replay input[type=number]", "2")
+    page.press("#replay input[type=number]", "Enter")
+    page.wait_for_function("() => document.querySelector('#canvas').innerText.includes('step 2 /')")
+    step2 = eng.render_frame(engine.model, follow.frames[1]).replace("\n", "")
+    assert page.inner_text("#canvas .canvas").replace("\n", "") == step2
+
     shot = os.environ.get("MEDV_SERVE_SCREENSHOT") or str(tmp_path / "serve_screenshot.png")
     page.screenshot(path=shot, full_page=True)
     assert os.path.getsize(shot) > 10_000

@@ -54,7 +54,7 @@ def test_answer_is_the_samplers_and_padding_does_not_change_it(engine, image):
     answer = engine.answer([], "Is there a fracture?", image, SMALL, seed=0)
     m = engine.model
     row = eng.build_prompt(m, [], "Is there a fracture?", image)
-    assert answer.prompt_length % 64 == 0 and answer.prompt_length >= len(row.tokens)
+    assert answer.prompt_length % engine.prompt_bucket == 0 and answer.prompt_length >= len(row.tokens)
     for batch in (
         engine.batch_for(row, answer.prompt_length),  # the server's padded batch
         mm.collate_prompts([row], pad_id=m.lm.eos_token_id, crop_size=m.config.vision.image_size),  # none
@@ -165,3 +165,18 @@ def test_missing_demo_model_says_how_to_train(tmp_path):
     assert proc.returncode == 2
     assert "python -m medv_jax.train --config=configs/demo.py" in proc.stderr
     assert "workdir/demo/model" in proc.stderr
+
+
+def test_default_model_paths_are_the_demo_training_output(tmp_path, monkeypatch):
+    from medv_jax.serve import cli
+
+    parser = cli.build_parser()
+    for sub in ("model", "tokenizer"):
+        (tmp_path / cli.DEMO_WORKDIR / sub).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    ckpt, tok, is_demo = cli.resolve_model_paths(parser.parse_args([]), parser)
+    assert (ckpt, tok, is_demo) == ("workdir/demo/model", "workdir/demo/tokenizer", True)
+    args = parser.parse_args(["--checkpoint", "workdir/demo/model", "--tokenizer", "workdir/demo/tokenizer"])
+    assert cli.resolve_model_paths(args, parser)[2] is False
+    with pytest.raises(SystemExit):  # one without the other
+        cli.resolve_model_paths(parser.parse_args(["--checkpoint", "workdir/demo/model"]), parser)
