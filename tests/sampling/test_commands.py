@@ -164,3 +164,69 @@ def test_infer_resume_and_bad_rows(files, capsys):
     assert infer.main(flags3) == 0
     again = {a["question_id"]: a["text"] for a in map(json.loads, fresh.read_text().splitlines())}
     assert again == {a["question_id"]: a["text"] for a in rows}
+
+
+FAST_FLAGS = ["--cache", "prefix", "--cache_refresh", "2", "--threshold", "0.9", "--adaptive_stop",
+              "--stop_patience", "0", "--stop_entropy", "0.5"]
+
+
+def test_fast_flags_build_the_sampler_config():
+    from medv_jax.sampling import cli
+    from medv_jax.sampling.diffusion import AdaptiveStop, CachePolicy, ThresholdSelection
+
+    required = {
+        generate: ["--checkpoint", "c", "--tokenizer", "t", "--question", "q"],
+        infer: ["--checkpoint", "c", "--tokenizer", "t", "--question_file", "f", "--answers_file", "a"],
+    }
+    for command, argv in required.items():
+        parser = command.build_parser()
+        config = cli.sampler_config_from(parser.parse_args(argv + SAMPLER_FLAGS + FAST_FLAGS), parser)
+        assert config == SamplerConfig(
+            8, 4, 4, cache=CachePolicy("prefix", 2), selection=ThresholdSelection(0.9),
+            adaptive_stop=AdaptiveStop(0, 0.5),
+        )
+        plain = cli.sampler_config_from(parser.parse_args(argv), parser)
+        assert plain == SamplerConfig()  # the fast modes are opt-in
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--cache", "prefix", "--cache_refresh", "0"], "--cache_refresh"),
+        (["--cache_refresh", "4"], "--cache_refresh"),  # without --cache
+        (["--threshold", "1.5"], "--threshold"),
+        (["--threshold", "0.9", "--remasking", "random"], "--threshold"),
+        (["--adaptive_stop", "--stop_entropy", "-1"], "--stop_entropy"),
+        (["--stop_patience", "3"], "--stop_patience"),  # without --adaptive_stop
+        (["--cache", "full"], "--cache"),
+    ],
+)
+def test_fast_flags_validation(files, capsys, flags, named):
+    for command, extra in ((generate, ["--question", "q"]),
+                           (infer, ["--question_file", "q.jsonl", "--answers_file", "a.jsonl"])):
+        with pytest.raises(SystemExit) as exit_info:  # rejected before anything is loaded
+            command.main(model_flags(files) + extra + flags)
+        assert exit_info.value.code == 2
+        assert named in capsys.readouterr().err
+
+
+def test_generate_and_infer_with_fast_modes(files, capsys):
+    """Both commands run the fast modes end to end; refresh every step + threshold 1.0 is exact."""
+    flags = model_flags(files) + ["--image", str(files["images"] / "a.png"), "--question", "Which organ?"]
+    assert generate.main(flags + SAMPLER_FLAGS + ["--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert generate.main(flags + SAMPLER_FLAGS + ["--json", "--cache", "dual", "--cache_refresh", "1",
+                                                  "--threshold", "1.0"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["token_ids"] == exact["token_ids"] and same["steps_used"] == exact["steps_used"]
+    assert same["cache_refreshes"] == same["steps_used"] and exact["cache_refreshes"] == 0
+    assert same["sampler"]["cache"] == "dual" and same["sampler"]["threshold"] == 1.0
+
+    root = files["root"]
+    qfile = root / "fast_questions.jsonl"
+    qfile.write_text("\n".join(json.dumps({"question_id": i, "image": "a.png", "text": f"Q{i}?"}) for i in range(3)))
+    answers = root / "fast_answers.jsonl"
+    assert infer.main(model_flags(files) + [
+        "--question_file", str(qfile), "--image_folder", str(files["images"]), "--answers_file", str(answers),
+        "--batch_size", "2", "--no_progress"] + SAMPLER_FLAGS + FAST_FLAGS) == 0
+    assert [json.loads(line)["question_id"] for line in answers.read_text().splitlines()] == [0, 1, 2]

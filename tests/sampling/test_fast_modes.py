@@ -224,7 +224,10 @@ def test_threshold_matches_reference(threshold, config):
     """Each row alone (batch of one) against the plain reference's threshold rule."""
     _, params, prompts, keys, fast = threshold_run(threshold, config)
     for row, prompt in enumerate(prompts):
-        out = jax.tree.map(np.asarray, generate_text(CFG, params, [prompt], keys[row : row + 1], fast))
+        # Left padded to one width (one compiled program for every row; padding does not change
+        # a row's result, test_sampler.test_batched_equals_each_row_alone).
+        out = generate_text(CFG, params, [prompt], keys[row : row + 1], fast, length=8)
+        out = jax.tree.map(np.asarray, out)
         embeds = np.asarray(LLaDA(CFG).apply({"params": params}, jnp.asarray([prompt]), method=LLaDA.embed))[0]
         ref = reference_sample(CFG, params, embeds, keys[row], fast)
         for field in FIELDS:
@@ -285,7 +288,7 @@ def test_adaptive_stop_matches_reference(patience, max_entropy):
     for row, n in enumerate((3, 6, 4)):
         prompt = rng.integers(0, 480, size=n).tolist()
         key = jax.random.key(50 + row)
-        out = jax.tree.map(np.asarray, generate_text(CFG, params, [prompt], key[None], config))
+        out = jax.tree.map(np.asarray, generate_text(CFG, params, [prompt], key[None], config, length=8))
         embeds = np.asarray(LLaDA(CFG).apply({"params": params}, jnp.asarray([prompt]), method=LLaDA.embed))[0]
         ref = reference_sample(CFG, params, embeds, key, config)
         for field in FIELDS:
