@@ -133,7 +133,18 @@ def load_reference(
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: no config.json in the checkpoint folder")
     cfg = json.loads(config_path.read_text())
-    tensors = _read_tensors(folder)
+    return build_reference(cfg, _read_tensors(folder), ids, device, dtype, where=str(folder))
+
+
+def build_reference(
+    cfg: dict,
+    tensors: dict[str, torch.Tensor],
+    ids: SpecialIds = SpecialIds(),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    where: str = "checkpoint",
+) -> ReferenceModel:
+    """``load_reference`` from a parsed config.json and its tensors (LLaDA-V names)."""
     lm_tensors = {
         k: v for k, v in tensors.items()
         if not k.startswith((VISION_PREFIX, PROJECTOR_PREFIX, NEWLINE_KEY))
@@ -149,7 +160,7 @@ def load_reference(
             }
             if vision_tensors:
                 if "vision_config" not in cfg:
-                    raise ValueError(f"{config_path}: a vision tower is stored but there is no vision_config")
+                    raise ValueError(f"{where}: a vision tower is stored but config.json has no vision_config")
                 vcfg = dict(cfg["vision_config"])
                 # LLaDA-V deletes the tower's last layer (and reads features before post-LN).
                 vcfg["num_hidden_layers"] = vcfg["num_hidden_layers"] - 1
@@ -168,8 +179,10 @@ def load_reference(
     lm.load_state_dict(lm_tensors, strict=True)
     if vision is not None:
         missing, unexpected = vision.load_state_dict(vision_tensors, strict=False)
+        # post_layernorm is never applied (features are read before it): a checkpoint may omit it.
+        missing = [k for k in missing if not k.startswith("post_layernorm.")]
         if missing or unexpected:
-            raise ValueError(f"{folder}: vision tower tensors do not match: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"{where}: vision tower tensors do not match: missing {missing}, unexpected {unexpected}")
         projector.load_state_dict(
             {k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
         )
