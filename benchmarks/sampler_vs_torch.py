@@ -79,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--num_prompts", type=int, default=5, help="timed runs per stack (one per prompt)")
     p.add_argument("--workdir", default=None, help="checkpoint folder (built once, then reused)")
     p.add_argument("--torch_device", default="cpu")
-    p.add_argument("--torch_threads", type=int, default=None, help="default: torch's own choice")
+    p.add_argument("--torch_threads", default=None,
+                   help="torch CPU threads; a comma list (e.g. 2,1) times the reference at each count, "
+                        "back to back per prompt (default: torch's own choice)")
     p.add_argument("--reference_logits", default="full", choices=["full", "block"],
                    help="full: LM head over the whole canvas each step, as the reference does; "
                         "block: over the current block only, as the JAX sampler does")
@@ -97,8 +99,7 @@ def run(args) -> dict:
     from medv_jax.sampling.diffusion import SamplerConfig
     from medv_jax.sampling.multimodal import compile_medv
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    thread_counts = [int(x) for x in str(args.torch_threads).split(",")] if args.torch_threads else [torch.get_num_threads()]
     shape = SHAPES[args.shape]
     sampler = SamplerConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
     workdir = Path(args.workdir or Path(tempfile.gettempdir()) / f"medv_bench_{args.shape}_{args.dtype}")
@@ -119,9 +120,9 @@ def run(args) -> dict:
     tr.generate(ref, prompts[0].tokens, args.gen_length, args.gen_length, 1, prompts[0].image_mask,
                 prompts[0].pixels, args.reference_logits)
 
-    res = {"jax": {"seconds": [], "tokens": [], "steps": []}, "torch": {"seconds": [], "tokens": [], "steps": [],
-           "step_seconds": [], "encode_seconds": []}, "identical": []}
-    mem = {}
+    sides = ["jax"] + [f"torch_{n}t" for n in thread_counts]
+    res = {side: {"seconds": [], "tokens": [], "steps": [], "step_seconds": [], "encode_seconds": [],
+                  "identical": [], "rss": 0} for side in sides}
     for i, prompt in enumerate(prompts):
         batch = jax_prompt_batch(config, prompt)
         with PeakRSS() as m_jax:
@@ -129,31 +130,36 @@ def run(args) -> dict:
             out = jax.block_until_ready(run_jax(batch, None))
             dt = time.perf_counter() - t0
         jax_tokens = np.asarray(out.tokens[0]).tolist()
-        n_jax = int(out.answer_length[0])
-        res["jax"]["seconds"].append(dt)
-        res["jax"]["tokens"].append(n_jax)
-        res["jax"]["steps"].append(int(out.steps_run[0]))
-        if args.torch_device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as m_torch:
-            t0 = time.perf_counter()
-            r = tr.generate(ref, prompt.tokens, args.gen_length, args.block_length, args.steps,
-                            prompt.image_mask, prompt.pixels, args.reference_logits)
-            dt_t = time.perf_counter() - t0
-        res["torch"]["seconds"].append(dt_t)
-        res["torch"]["tokens"].append(r.answer_length)
-        res["torch"]["steps"].append(r.steps_run)
-        res["torch"]["step_seconds"].extend(r.step_seconds)
-        res["torch"]["encode_seconds"].append(r.encode_seconds)
-        same = r.tokens == jax_tokens
-        res["identical"].append(same)
-        if not same:
-            diff = [j for j, (a, b) in enumerate(zip(r.tokens, jax_tokens)) if a != b]
-            print(f"  prompt {i}: outputs differ at {len(diff)} positions, first {diff[:8]}", flush=True)
-        mem["jax_rss"] = max(mem.get("jax_rss", 0), m_jax.peak)
-        mem["torch_rss"] = max(mem.get("torch_rss", 0), m_torch.peak)
-        print(f"prompt {i}: jax {dt:.2f} s ({n_jax} tok, {int(out.steps_run[0])} steps) | torch {dt_t:.2f} s "
-              f"({r.answer_length} tok, {r.steps_run} steps) | identical {same}", flush=True)
+        r_j = res["jax"]
+        r_j["seconds"].append(dt)
+        r_j["tokens"].append(int(out.answer_length[0]))
+        r_j["steps"].append(int(out.steps_run[0]))
+        r_j["rss"] = max(r_j["rss"], m_jax.peak)
+        line = [f"prompt {i}: jax {dt:.2f} s ({r_j['tokens'][-1]} tok, {r_j['steps'][-1]} steps)"]
+        for n in thread_counts:
+            torch.set_num_threads(n)
+            if args.torch_device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            with PeakRSS() as m_torch:
+                t0 = time.perf_counter()
+                r = tr.generate(ref, prompt.tokens, args.gen_length, args.block_length, args.steps,
+                                prompt.image_mask, prompt.pixels, args.reference_logits)
+                dt_t = time.perf_counter() - t0
+            r_t = res[f"torch_{n}t"]
+            r_t["seconds"].append(dt_t)
+            r_t["tokens"].append(r.answer_length)
+            r_t["steps"].append(r.steps_run)
+            r_t["step_seconds"].extend(r.step_seconds)
+            r_t["encode_seconds"].append(r.encode_seconds)
+            r_t["rss"] = max(r_t["rss"], m_torch.peak)
+            same = r.tokens == jax_tokens
+            r_t["identical"].append(same)
+            if not same:
+                diff = [j for j, (a, b) in enumerate(zip(r.tokens, jax_tokens)) if a != b]
+                print(f"  prompt {i}: torch ({n} threads) and JAX differ at {len(diff)} positions, first {diff[:8]}",
+                      flush=True)
+            line.append(f"torch/{n}t {dt_t:.2f} s ({r.answer_length} tok, {r.steps_run} steps, identical {same})")
+        print(" | ".join(line), flush=True)
 
     dev_stats = jax.local_devices()[0].memory_stats() or {}
     jax_dev_peak = dev_stats.get("peak_bytes_in_use")
@@ -166,51 +172,70 @@ def run(args) -> dict:
             "tokens_per_s": statistics.median(t / s for t, s in zip(toks, secs)),
             "ms_per_step": statistics.median(1000 * s / max(n, 1) for s, n in zip(secs, steps)),
             "runs": len(secs),
+            "peak_rss_mib": mib(res[side]["rss"]),
         }
 
     out = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores; jax {jax.__version__} "
                    f"({jax.devices()[0].platform}, {jax.devices()[0].device_kind}); torch {torch.__version__} "
-                   f"({args.torch_device}, {torch.get_num_threads()} threads)",
+                   f"({args.torch_device})",
         "load_avg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "args": vars(args),
-        "jax": {**summary("jax"), "compile_s": compile_s, "peak_rss_mib": mib(mem["jax_rss"]),
+        "jax": {**summary("jax"), "compile_s": compile_s,
                 "device_peak_mib": mib(jax_dev_peak) if jax_dev_peak else None},
-        "torch": {**summary("torch"), "peak_rss_mib": mib(mem["torch_rss"]),
-                  "device_peak_mib": mib(torch_dev_peak) if torch_dev_peak else None,
-                  "median_loop_step_ms": 1000 * statistics.median(res["torch"]["step_seconds"]),
-                  "median_encode_ms": 1000 * statistics.median(res["torch"]["encode_seconds"])},
-        "token_identical": all(res["identical"]),
-        "identical_per_prompt": res["identical"],
+        "torch": {},
         "raw": res,
     }
-    out["speedup_tokens_per_s"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
+    for n in thread_counts:
+        side = f"torch_{n}t"
+        out["torch"][side] = {
+            **summary(side), "threads": n,
+            "device_peak_mib": mib(torch_dev_peak) if torch_dev_peak else None,
+            "median_loop_step_ms": 1000 * statistics.median(res[side]["step_seconds"]),
+            "median_encode_ms": 1000 * statistics.median(res[side]["encode_seconds"]),
+            "token_identical": all(res[side]["identical"]),
+            "identical_prompts": f"{sum(res[side]['identical'])}/{len(res[side]['identical'])}",
+            "speedup_tokens_per_s": out["jax"]["tokens_per_s"] / summary(side)["tokens_per_s"],
+        }
+    best = max(out["torch"].values(), key=lambda t: t["tokens_per_s"])
+    out["speedup_vs_fastest_torch"] = out["jax"]["tokens_per_s"] / best["tokens_per_s"]
+    out["token_identical"] = all(t["token_identical"] for t in out["torch"].values())
     return out
 
 
 def table(r: dict) -> str:
-    j, t = r["jax"], r["torch"]
+    j, ts = r["jax"], list(r["torch"].values())
     a = r["args"]
+
+    def cells(fmt, key):
+        return [fmt(j.get(key))] + [fmt(t.get(key)) for t in ts]
+
+    f1 = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    f2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     rows = [
-        ("tokens / s (median)", f"{j['tokens_per_s']:.2f}", f"{t['tokens_per_s']:.2f}"),
-        ("answer time, median (s)", f"{j['median_s']:.2f}", f"{t['median_s']:.2f}"),
-        ("ms / step (answer time / steps)", f"{j['ms_per_step']:.1f}", f"{t['ms_per_step']:.1f}"),
-        ("compile (s)", f"{j['compile_s']:.1f}", "-"),
-        ("peak RSS of the process (MiB)", f"{j['peak_rss_mib']}", f"{t['peak_rss_mib']}"),
-        ("device peak (MiB)", f"{j['device_peak_mib'] or '-'}", f"{t['device_peak_mib'] or '-'}"),
+        ("tokens / s (median)", cells(f2, "tokens_per_s")),
+        ("answer time, median (s)", cells(f2, "median_s")),
+        ("ms / step (answer time / steps)", cells(f1, "ms_per_step")),
+        ("loop step, median (ms)", ["-"] + [f1(t["median_loop_step_ms"]) for t in ts]),
+        ("image + prompt encode, median (ms)", ["in the program"] + [f1(t["median_encode_ms"]) for t in ts]),
+        ("compile (s)", [f1(j["compile_s"])] + ["-"] * len(ts)),
+        ("peak RSS of the process (MiB)", cells(lambda v: str(v), "peak_rss_mib")),
+        ("device peak (MiB)", cells(lambda v: "-" if not v else str(v), "device_peak_mib")),
+        ("token-identical to JAX", ["-"] + [t["identical_prompts"] for t in ts]),
+        ("JAX speedup (tokens/s)", ["-"] + [f"{t['speedup_tokens_per_s']:.2f}x" for t in ts]),
     ]
+    head = "| | JAX (exact sampler) | " + " | ".join(f"PyTorch reference, {t['threads']} threads" for t in ts) + " |"
     lines = [
         f"shape {a['shape']} {a['dtype']}, prompt {a['prompt_len']}, L/B/N {a['gen_length']}/{a['block_length']}/"
-        f"{a['steps']}, {t['runs']} prompts, reference logits: {a['reference_logits']}",
-        f"{r['machine']}",
+        f"{a['steps']}, {j['runs']} prompts, reference logits: {a['reference_logits']}",
+        f"{r['machine']}; load average after: {r['load_avg_after']}",
         "",
-        "| | JAX (exact sampler) | PyTorch reference |",
-        "|---|---|---|",
-        *[f"| {name} | {x} | {y} |" for name, x, y in rows],
+        head,
+        "|---|" + "---|" * (1 + len(ts)),
+        *[f"| {name} | " + " | ".join(c) + " |" for name, c in rows],
         "",
-        f"speedup (tokens/s): {r['speedup_tokens_per_s']:.2f}x; token-identical: {r['token_identical']} "
-        f"({sum(r['identical_per_prompt'])}/{len(r['identical_per_prompt'])} prompts); torch loop step median "
-        f"{t['median_loop_step_ms']:.1f} ms, torch image+prompt encode median {t['median_encode_ms']:.1f} ms",
+        f"JAX vs the fastest reference setting: {r['speedup_vs_fastest_torch']:.2f}x tokens/s; "
+        f"token-identical: {r['token_identical']}",
     ]
     return "\n".join(lines)
 
