@@ -200,13 +200,16 @@ def build_app(
             return shown, image, [], [], info_html(note + " Ask a question.")
 
         load_outputs = [preview, image_state, chat, history_state, status]
-        upload.change(on_upload, [upload, window], load_outputs)
+        # Light handlers (no device work) bypass the one-at-a-time limit of generation.
+        light = dict(concurrency_limit=None)
+        upload.change(on_upload, [upload, window], load_outputs, **light)
         window.change(
-            lambda path, w: on_upload(path, w) if path else (gr.skip(),) * 5, [upload, window], load_outputs
+            lambda path, w: on_upload(path, w) if path else (gr.skip(),) * 5, [upload, window], load_outputs, **light
         )
 
         def on_ask(q, image, history, chat_value, seed_value, *values):
             """Generate, then stream the unmasking replay and the final answer."""
+            yield (gr.skip(),) * 3 + (info_html("Generating…"),) + (gr.skip(),) * 4
             try:
                 sc = eng.sampler_config_from(dict(zip(settings_names, values)))
                 seed_int = eng.coerce("seed", 0 if seed_value is None else seed_value, 0)
@@ -258,16 +261,17 @@ def build_app(
             t = min(max(int(t), 1), len(frames))
             return frames[t - 1]
 
-        replay.change(on_replay, [replay, frames_state], canvas)
+        replay.change(on_replay, [replay, frames_state], canvas, **light)
 
         clear.click(
             lambda: ([], [], canvas_html(model, None), "", gr.update(visible=False), info_html("New chat.")),
             None,
             [chat, history_state, canvas, stats, replay, status],
+            **light,
         )
         def preset(values):
             return lambda: (values["gen_length"], values["block_length"], values["steps"])
 
         for button, values in preset_buttons:
-            button.click(preset(values), None, [gen_length, block_length, steps])
+            button.click(preset(values), None, [gen_length, block_length, steps], **light)
     return demo

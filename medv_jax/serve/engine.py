@@ -223,7 +223,9 @@ def sampler_config_from(settings: Mapping[str, Any]) -> SamplerConfig:
     for field in dataclasses.fields(SamplerConfig):
         sub = _optional_dataclass(SamplerConfig, field.name)
         if sub is None:
-            if settings.get(field.name) is not None:
+            if field.name in settings:
+                if settings[field.name] is None or settings[field.name] == "":
+                    raise UserError(f"sampler setting {field.name} is empty: give a value")
                 values[field.name] = coerce(field.name, settings[field.name], field.default)
             continue
         if not settings.get(field.name):
@@ -232,7 +234,9 @@ def sampler_config_from(settings: Mapping[str, Any]) -> SamplerConfig:
         sub_values = {}
         for sf in dataclasses.fields(sub):
             key = f"{field.name}.{sf.name}"
-            if settings.get(key) is not None:
+            if key in settings:
+                if settings[key] is None or settings[key] == "":
+                    raise UserError(f"sampler setting {key} is empty: give a value")
                 sub_values[sf.name] = coerce(key, settings[key], sf.default)
         try:
             values[field.name] = sub(**sub_values)

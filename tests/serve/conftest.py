@@ -16,7 +16,7 @@ from medv_jax.models import medv
 from medv_jax.sampling import multimodal
 
 
-def random_params(config, seed: int = 0):
+def random_params(config, seed: int = 0, abstract=lambda c: nn.unbox(medv.abstract_params(c))):
     """Random weights in numpy (no compiled init: the shared CPUs make that ~20 s): N(0, 0.02)
     kernels and embeddings, unit norm scales, zero biases."""
     rng = np.random.default_rng(seed)
@@ -29,7 +29,7 @@ def random_params(config, seed: int = 0):
             return np.zeros(leaf.shape, leaf.dtype)
         return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(init, nn.unbox(medv.abstract_params(config)))
+    return jax.tree_util.tree_map_with_path(init, abstract(config))
 
 
 def build_tiny_checkpoint(root) -> dict:

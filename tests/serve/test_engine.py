@@ -180,3 +180,41 @@ def test_default_model_paths_are_the_demo_training_output(tmp_path, monkeypatch)
     assert cli.resolve_model_paths(args, parser)[2] is False
     with pytest.raises(SystemExit):  # one without the other
         cli.resolve_model_paths(parser.parse_args(["--checkpoint", "workdir/demo/model"]), parser)
+
+
+def test_fast_modes_from_the_page_settings(engine, image):
+    """Threshold decoding switched on from the page's flat settings: with threshold 0 every block
+    fills in one step, and the replay has one frame per step used."""
+    values = {s.name: s.default for s in eng.settings_of(SamplerConfig(gen_length=16, block_length=8, steps=8))}
+    if "selection.threshold" not in values:
+        pytest.skip("this SamplerConfig has no threshold selection")
+    values.update({"selection": True, "selection.threshold": 0.0})
+    sc = eng.sampler_config_from(values)
+    answer = engine.answer([], "Is there a fracture?", image, sc)
+    assert 1 <= answer.steps_used <= sc.num_blocks
+    assert len(answer.frames) == answer.steps_used and answer.frames[-1] == answer.token_ids
+
+
+def test_text_only_checkpoint(tiny, tmp_path, image):
+    """A LLaDA (text-only) checkpoint answers without an image and rejects uploads by name."""
+    import flax.linen as nn
+
+    from medv_jax import checkpoint
+    from medv_jax.models import llada
+    from tests.serve.conftest import random_params
+
+    config = tiny["config"].lm
+    params = random_params(config, abstract=lambda c: nn.unbox(llada.abstract_params(c)))
+    checkpoint.save_pretrained(tmp_path / "llada", config, params)
+    text_engine = eng.Engine(eng.load_model(str(tmp_path / "llada"), tiny["tokenizer"]))
+    answer = text_engine.answer([], "What is a lesion?", None, SMALL)
+    assert len(answer.frames) == answer.steps_used and answer.frames[-1] == answer.token_ids
+    with pytest.raises(eng.UserError, match="scan.png: this checkpoint is a text-only LLaDA model"):
+        eng.load_image(text_engine.model, str(tiny["images"] / "scan.png"))
+    with pytest.raises(eng.UserError, match="text-only"):
+        text_engine.answer([], "What is a lesion?", image, SMALL)
+
+
+def test_an_emptied_setting_is_an_error_not_a_default():
+    with pytest.raises(eng.UserError, match="gen_length is empty"):
+        eng.sampler_config_from({"gen_length": None, "block_length": 4, "steps": 4})
