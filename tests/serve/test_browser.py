@@ -8,6 +8,7 @@ them). ``MEDV_SERVE_SCREENSHOT=docs/serve_screenshot.png`` saves the chat test's
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -20,7 +21,9 @@ import pytest
 
 from medv_jax.sampling.diffusion import SamplerConfig
 from medv_jax.serve import engine as eng
-from medv_jax.serve.app import final_text
+
+pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
+from medv_jax.serve.app import final_text  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -86,7 +89,7 @@ def server(browser, tiny, tmp_path_factory):
         sys.executable, "-m", "medv_jax.serve",
         "--checkpoint", tiny["checkpoint"], "--tokenizer", tiny["tokenizer"],
         "--port", str(port), "--examples_dir", str(tmp_path_factory.mktemp("examples")),
-        "--replay_seconds", "1",
+        "--replay_seconds", "1", "--system_prompt", "none",  # short prompts: one length bucket
     ] + SETTINGS
     env = dict(os.environ, PYTHONPATH=os.getcwd(), GRADIO_ANALYTICS_ENABLED="False")
     with open(log, "w") as out:
@@ -115,18 +118,20 @@ def wait_until_serving(proc, url: str, log, limit_s: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def scan(engine, tiny):
-    """The uploaded file and the answers the sampler gives to the two questions asked about it."""
+    """The uploaded file and the answers the sampler gives to the two questions asked about it
+    (without a system prompt, as the server runs)."""
     path = tiny["images"] / "scan.png"
+    engine = eng.Engine(dataclasses.replace(engine.model, system_prompt=None), engine.prompt_bucket)
     image = eng.load_image(engine.model, str(path))[1]
     first = engine.answer([], "Is there a fracture?", image, SMALL)
     follow = engine.answer([("Is there a fracture?", first.text)], "Which side?", image, SMALL)
+    assert first.prompt_length == follow.prompt_length  # the server compiles one program only
     return path, first, follow
 
 
-@pytest.fixture
-def page(browser, server):
-    proc, url, log = server
-    wait_until_serving(proc, url, log)
+def open_page(browser, url: str):
+    """A fresh browser context (its own session) on the demo; returns (context, page, outside
+    requests seen)."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -135,6 +140,14 @@ def page(browser, server):
     page.add_init_script(RECORD_FRAMES)
     page.goto(url)
     page.wait_for_selector("#upload input[type=file]", state="attached")
+    return context, page, outside
+
+
+@pytest.fixture
+def page(browser, server):
+    proc, url, log = server
+    wait_until_serving(proc, url, log)
+    context, page, outside = open_page(browser, url)
     yield page
     context.close()
     assert not outside, f"the page reached outside the server: {outside}"
@@ -179,10 +192,12 @@ def test_chat_with_an_image_and_watch_it_unmask(server, scan, page, engine, tmp_
     assert all(any(s == e for e in it) for s in seen), (seen, expected)  # a subsequence of the steps
     stats = page.inner_text("#stats")
     assert f"Steps used {want.steps_used} of 4" in stats and "tokens/s" in stats and " s" in stats
+    assert "compile" not in stats  # compiled at start-up, not on the first question
 
     # Multi-turn: the follow-up's prompt holds the first exchange.
     ask(page, "Which side?", 1)
     assert bot_messages(page) == [final_text(want), final_text(follow)]
+    assert "compile" not in page.inner_text("#stats")
 
     # Scrub the replay back to step 2: the canvas as it stood then (masked positions and all).
     assert len(follow.frames) >= 2
@@ -221,3 +236,23 @@ def test_invalid_inputs_show_an_error_in_the_page(page, tiny):
     page.get_by_text("CT_small.dcm").first.click()  # the pydicom CT example (soft-tissue window)
     status_contains(page, "Loaded CT_small.dcm")
     assert page.input_value("#question textarea") == "What modality is this?"
+
+
+def test_two_users_at_once_each_get_their_answer(browser, server, scan, page):
+    """Two sessions ask at the same moment (gradio's queue and the engine's lock serialize the
+    generations): each page gets the correct answer."""
+    path, want, _ = scan
+    other, page2, outside = open_page(browser, server[1])
+    try:
+        for p in (page, page2):
+            p.set_input_files("#upload input[type=file]", str(path))
+            status_contains(p, "Loaded scan.png")
+            p.fill("#question textarea", "Is there a fracture?")
+        page.click("#ask")
+        page2.click("#ask")
+        for p in (page, page2):
+            p.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+            assert bot_messages(p) == [final_text(want)]
+    finally:
+        other.close()
+    assert not outside
