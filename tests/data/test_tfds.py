@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-tfds = pytest.importorskip("tensorflow_datasets")  # a core dependency; skip only if broken
-
-from medv_jax.data import image_io  # noqa: E402
-from medv_jax.data import tfds as builders  # noqa: E402
-from medv_jax.data import tfds_vqa  # noqa: E402
+from medv_jax.data import image_io
+from medv_jax.data import tfds as builders  # tensorflow-datasets is a core dependency: no skipping
+from medv_jax.data import tfds_vqa
 
 
 def write_image(path, seed, mode="RGB", size=(24, 16), fmt=None):
