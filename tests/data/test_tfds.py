@@ -180,7 +180,7 @@ def fake_path_vqa(root):
                    dict(image="train_0000", question="Are nuclei lost?", answer="No")]
     qa["val"] = [dict(image="val_0000", question="What have lost their nuclei?", answer="neutrophils")]
     qa["test"] = [dict(image="test_0001", question="How is the tissue stained?", answer="with h&e"),
-                  dict(image="test_0000", question="Is fibrosis seen?", answer="yes")]
+                  dict(image=np.str_("test_0000"), question="Is fibrosis seen?", answer=np.str_("yes"))]
     for split, rows in qa.items():
         (pvqa / "qas" / split).mkdir(parents=True)
         with open(pvqa / "qas" / split / f"{split}_qa.pkl", "wb") as f:
@@ -203,6 +203,8 @@ def test_path_vqa_official(tmp_path):
     test = tfds_vqa.read_split("path_vqa:test", str(data))
     assert test[0]["conversations"] == [human("How is the tissue stained?"), {"from": "gpt", "value": "with h&e"}]
     check_image(test[0], imgs["test_0001"])
+    assert (test[1]["conversations"][1]["value"], test[1]["answer_type"]) == ("yes", "closed")  # numpy strings
+    check_image(test[1], imgs["test_0000"])
     assert len(tfds_vqa.read_split("path_vqa:val", str(data))) == 1
 
 

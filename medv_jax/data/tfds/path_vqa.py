@@ -41,13 +41,15 @@ class PathVqa(common.VqaBuilder):
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """The qa files hold plain lists/dicts of strings: refuse any other class (no code runs)."""
-
-    ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict}
+    """The qa files hold lists of dicts of strings (possibly numpy strings): refuse any other
+    class, so loading a question file runs no code."""
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return self.ALLOWED[(module, name)]
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) in (("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                              ("numpy", "dtype")):
+            return super().find_class(module, name)  # numpy scalars (np.str_) are rebuilt from bytes
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a question file")
 
 
