@@ -371,3 +371,25 @@ def test_worker_processes_give_the_same_batches(tok, source):
     got = list(P.make_loader(records, tok, c, worker_count=2, **kw))
     assert len(want) == 12
     _same(want, got)
+
+
+def test_record_length_anyres_reads_only_the_image_size(tok, ids, tmp_path):
+    """anyres token counts depend on the image size: the cheap length (header only) equals the
+    encoded one for files (relative to image_root), PIL images and arrays of odd aspect ratios."""
+    img_cfg = ImageConfig(aspect_ratio="anyres_max_4", merge_type="spatial_unpad", crop_size=32,
+                          patches_per_side=4, grid_pinpoints=((32, 32), (64, 32), (32, 64), (64, 64)))
+    c = cfg(image=img_cfg, max_crops=5, max_length=192, image_root=str(tmp_path))
+    sizes = [(120, 50), (30, 90), (64, 64), (7, 200)]
+    sources = []
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (i * 40, 10, 10)).save(tmp_path / f"im{i}.png")
+        sources += [f"im{i}.png", Image.new("RGB", (w, h)), np.zeros((h, w, 3), np.uint8)]
+    counts = set()
+    for j, src in enumerate(sources):
+        rec = {"id": f"r{j}", "image": src, "conversations": [
+            {"from": "human", "value": "<image>\nIs there a lesion?"}, {"from": "gpt", "value": "no"}]}
+        n = P.record_length(rec, tok, c)
+        row = P.encode_example(rec, tok, c)
+        assert (row["tokens"][n:] == ids.eos).all() and row["tokens"][n - 1] != ids.eos, j
+        counts.add(n)
+    assert len(counts) >= 3  # the sizes do change the length
