@@ -26,9 +26,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = ""  # "" (JAX picks) | "xla" | "cudnn"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "json"  # "json" (LLaVA records) | "synthetic"
+    c.data.source = "json"  # "json" (LLaVA records) | "tfds" | "synthetic"
     c.data.train_path = ""
     c.data.test_path = ""
+    c.data.tfds = ""  # source "tfds": "NAME:SPLIT", e.g. "vqa_rad:train" (python -m medv_jax.data.tfds build)
+    c.data.tfds_test = ""  # e.g. "vqa_rad:test"
+    c.data.tfds_data_dir = ""  # "" = TFDS's default data dir
     c.data.image_root = ""
     c.data.task = "vqa"  # synthetic only: "vqa" | "caption"
     c.data.train_size = 20000  # synthetic only
@@ -42,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prompt_length = 8192
     c.data.max_crops = 37  # anyres_max_4: base view + up to 6x6 grid
     c.data.too_long = "truncate"
+    # Per-batch padded lengths (each batch padded to the smallest bucket holding its longest
+    # record, max_length last); () = every batch padded to max_length. Each bucket compiles once.
+    c.data.length_buckets = ()
     c.data.worker_count = 0
 
     c.train = ml_collections.ConfigDict()
