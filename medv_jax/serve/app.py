@@ -95,12 +95,13 @@ def build_app(
     engine: eng.Engine,
     *,
     defaults: SamplerConfig = SamplerConfig(),
+    seed: int = 0,
     examples: Sequence[Sequence[str]] = (),
     replay_seconds: float = 2.0,
     startup_note: str = "",
 ) -> gr.Blocks:
-    """The page for ``engine``; ``defaults`` are the settings it opens with (and its "start-up"
-    preset), ``examples`` rows of [file, question, DICOM window]. ``replay_seconds``: how long
+    """The page for ``engine``; ``defaults`` (and ``seed``) are the settings it opens with (and its
+    "start-up" preset), ``examples`` rows of [file, question, DICOM window]. ``replay_seconds``: how long
     the unmasking replay of one answer takes (0: show only the final answer)."""
     model = engine.model
     presets = dict(eng.PRESETS)
@@ -136,7 +137,11 @@ def build_app(
                     elem_id="window",
                 )
                 preview = gr.Image(
-                    label="Loaded image (DICOM: after windowing)", type="pil", interactive=False, elem_id="preview", height=260
+                    label="Loaded image (DICOM: after windowing)",
+                    type="pil",
+                    interactive=False,
+                    elem_id="preview",
+                    height=260,
                 )
             with gr.Column(scale=2):
                 chat = gr.Chatbot(value=[], label="Chat", elem_id="chat", height=300)
@@ -162,7 +167,7 @@ def build_app(
                 for st in settings:
                     if st.parent is None and st.name not in groups:
                         widgets[st.name] = setting_widget(st)
-                seed = gr.Number(0, label="seed", precision=0, elem_id="set_seed")
+                seed = gr.Number(seed, label="seed", precision=0, elem_id="set_seed")
             for group in groups:  # fast modes: a switch and its parameters per row
                 with gr.Row():
                     for st in settings:

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m medv_jax.serve",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="The sampler flags (those of python -m medv_jax.generate, fast modes included) set the "
+        "settings the page opens with and compiles at start-up (default: the demo's 4 / 4 / 4 for the "
+        "demo model, else the paper's VQA 128 / 128 / 128).",
     )
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", default=None, help=f"converted checkpoint folder (default: {DEMO_WORKDIR}/model)")
@@ -58,12 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_cli.add_sampler_args(parser)
     parser.set_defaults(**{name: None for name in SAMPLER_FIELDS})
     s = parser.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to the network)")
-    s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--examples_dir", default=None, help="where the example files are written (default: ~/.cache/medv_jax/serve_examples)")
-    s.add_argument("--replay_seconds", type=float, default=2.0, help="duration of the unmasking replay (0: off)")
-    s.add_argument("--prompt_bucket", type=int, default=PROMPT_BUCKET, help="prompts are padded to a multiple of this")
-    s.add_argument("--max_queue", type=int, default=32, help="requests waiting beyond this are refused")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes the demo to the network)"
+    )
+    s.add_argument("--port", type=int, default=7860, help="(default: 7860)")
+    s.add_argument(
+        "--examples_dir", default=None, help="where the example files go (default: ~/.cache/medv_jax/serve_examples)"
+    )
+    s.add_argument(
+        "--replay_seconds", type=float, default=2.0, help="duration of the unmasking replay (default: 2; 0: off)"
+    )
+    s.add_argument(
+        "--prompt_bucket",
+        type=int,
+        default=PROMPT_BUCKET,
+        help=f"prompts are padded to a multiple of this (default: {PROMPT_BUCKET})",
+    )
+    s.add_argument("--max_queue", type=int, default=32, help="requests waiting beyond this are refused (default: 32)")
     s.add_argument("--no_warmup", action="store_true", help="skip the start-up compilation")
     return parser
 
@@ -132,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             image = eng.load_image(model, rows[0][0], rows[0][2])[1] if rows else None
             question = rows[0][1] if rows else "What is shown?"
-            answer = engine.answer([], question, image, defaults)
+            answer = engine.answer([], question, image, defaults, args.seed)
             print(
                 f"compiled the start-up settings in {time.perf_counter() - t0:.1f} s "
                 f"(one answer: {answer.sample_s:.3f} s, {answer.steps_used} steps)"
@@ -142,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {note}", file=sys.stderr)
 
     demo = app_lib.build_app(
-        engine, defaults=defaults, examples=rows, replay_seconds=args.replay_seconds, startup_note=note
+        engine,
+        defaults=defaults,
+        seed=args.seed,
+        examples=rows,
+        replay_seconds=args.replay_seconds,
+        startup_note=note,
     )
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
     demo.launch(

@@ -110,7 +110,7 @@ def load_model(
         question_suffix=question_suffix,
         image_config=image_config,
         max_crops=max_crops_for(image_config) if image_config is not None else 0,
-        name=os.path.basename(os.path.normpath(checkpoint)),
+        name=os.path.normpath(checkpoint),
     )
 
 
