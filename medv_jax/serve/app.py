@@ -208,8 +208,12 @@ def build_app(
         # Light handlers (no device work) bypass the one-at-a-time limit of generation.
         light = dict(concurrency_limit=None)
         upload.change(on_upload, [upload, window], load_outputs, **light)
+        # A new window re-reads a DICOM file (a new picture: a new chat); other files ignore it.
         window.change(
-            lambda path, w: on_upload(path, w) if path else (gr.skip(),) * 5, [upload, window], load_outputs, **light
+            lambda path, w: on_upload(path, w) if path and eng.is_dicom(path) else (gr.skip(),) * 5,
+            [upload, window],
+            load_outputs,
+            **light,
         )
 
         def on_ask(q, image, history, chat_value, seed_value, *values):

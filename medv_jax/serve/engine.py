@@ -140,6 +140,13 @@ def load_image(model: Model, path: str, window: str = "auto") -> tuple[Any, Prep
         raise UserError(f"cannot read {name!r} as an image (PNG, JPEG, ... or DICOM): {e}") from e
 
 
+def is_dicom(path: str) -> bool:
+    """Whether ``path`` is read as DICOM (by extension or the DICM magic), as image_io decides."""
+    from medv_jax.data import image_io
+
+    return image_io._is_dicom_path(path)
+
+
 def parse_window(window: str | None) -> str | tuple[float, float] | None:
     """'auto'/None -> the file's own window; a name; or 'center,width' numbers."""
     if window is None or window == "" or window == "auto":

@@ -139,6 +139,7 @@ def test_examples_work_offline(engine, tmp_path):
     ct_bone = np.asarray(eng.load_image(engine.model, str(tmp_path / "CT_small.dcm"), "bone")[0])
     assert not np.array_equal(ct_bone, previews["CT_small.dcm"])
     assert examples_lib.write_examples(tmp_path, image_size=56) == rows  # kept, not rewritten
+    assert eng.is_dicom(str(tmp_path / "CT_small.dcm")) and not eng.is_dicom(rows[0][0])
 
 
 def test_demo_defaults_match_the_demo_config():
