@@ -178,7 +178,9 @@ def default_peak(device, dtype: str) -> tuple[float | None, str]:
     return None, "unknown: pass --peak_flops"
 
 
-def run_jax(config, shape: TrainShape, batch: dict, steps: int) -> dict[str, Any]:
+def prepare_jax(config, shape: TrainShape, batch: dict) -> dict[str, Any]:
+    """The compiled train step on a 1-device mesh: {"step": () -> None (one timed update),
+    "compile_s", "init_s", "params" (the initial params, numpy)}."""
     import flax.linen as nn
     import jax
 
@@ -203,17 +205,13 @@ def run_jax(config, shape: TrainShape, batch: dict, steps: int) -> dict[str, Any
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return {"times": times, "compile_s": compile_s, "init_s": init_s, "params": params0,
-            "loss_last": float(metrics["loss"]), "device_peak_bytes": stats.get("peak_bytes_in_use")}
+    box = {"state": state}
+
+    def one_step() -> float:
+        box["state"], metrics = compiled(box["state"], batch)  # the state is donated
+        return float(jax.block_until_ready(metrics)["loss"])
+
+    return {"step": one_step, "compile_s": compile_s, "init_s": init_s, "params": params0}
 
 
 def jax_loss_on(config, params, batch, masked, p, ce_chunk) -> float:
@@ -265,7 +263,8 @@ def torch_loss(ref, batch_t: dict, masked_t, p_t, n_img: int, mask_id: int):
     return per_seq.mean()
 
 
-def run_torch(config, shape: TrainShape, params, batch: dict, masked, p, steps: int, threads: int | None):
+def prepare_torch(config, shape: TrainShape, params, batch: dict, masked, p, threads: int | None):
+    """The eager PyTorch train step: {"step": () -> loss, "first_loss" (no update), "threads"}."""
     import torch
 
     ref = torch_model(config, params, threads)
@@ -284,23 +283,31 @@ def run_torch(config, shape: TrainShape, params, batch: dict, masked, p, steps: 
     m_t, p_t = torch.from_numpy(np.array(masked)), torch.from_numpy(np.array(p))
     n_img = (config.vision.image_size // config.vision.patch_size) ** 2
 
-    def step():
+    def one_step() -> float:
         opt.zero_grad(set_to_none=True)
         loss = torch_loss(ref, bt, m_t, p_t, n_img, config.lm.mask_token_id)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     with torch.no_grad():
         first_loss = float(torch_loss(ref, bt, m_t, p_t, n_img, config.lm.mask_token_id))
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"times": times, "first_loss": first_loss, "threads": torch.get_num_threads()}
+    return {"step": one_step, "first_loss": first_loss, "threads": torch.get_num_threads()}
+
+
+def time_interleaved(steps: dict, n: int) -> dict[str, list[float]]:
+    """One warm-up step each, then ``n`` rounds of one timed step of each stack back to back, so
+    load from other processes hits both alike."""
+    for fn in steps.values():
+        fn()
+    times = {name: [] for name in steps}
+    for _ in range(n):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main(argv=None) -> dict:
@@ -331,31 +338,38 @@ def main(argv=None) -> dict:
         peak = measured_cpu_peak()
         peak_note = f"measured best fp32 1024^3 matmul of this process ({peak / 1e9:.1f} GFLOP/s)"
 
-    j = run_jax(config, shape, batch, args.steps)
-    flops = model_flops(config, shape, j["params"])
-    step_flops = sum(v for k, v in flops.items() if not k.startswith("params"))
-    tokens = shape.batch * shape.seq
-    jt = statistics.median(j["times"])
-    result = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores; jax {jax.__version__} on {dev.platform} "
-                   f"({dev.device_kind})",
-        "config": args.config, "batch": shape.batch, "seq": shape.seq, "dtype": config.lm.dtype,
-        "remat": config.lm.remat_policy, "params_total": flops["params_total"],
-        "params_lm_matmul": flops["params_lm_matmul"], "model_tflop_per_step": step_flops / 1e12,
-        "jax": {"compile_s": j["compile_s"], "step_s": jt, "tokens_per_s": tokens / jt,
-                "mfu": step_flops / jt / peak if peak else None, "steps": len(j["times"]),
-                "device_peak_mib": round(j["device_peak_bytes"] / 2**20) if j["device_peak_bytes"] else None},
-        "peak_flops": peak, "peak_note": peak_note,
-    }
+    j = prepare_jax(config, shape, batch)
+    steps = {"jax": j["step"]}
     if args.torch:
         from medv_jax.train import loss as loss_lib
 
         masked, p = loss_lib.draw_masks(jax.random.key(1), batch["labels"] != loss_lib.IGNORE_INDEX)
-        t = run_torch(config, shape, j["params"], batch, masked, p, args.steps, args.torch_threads)
+        t = prepare_torch(config, shape, j["params"], batch, masked, p, args.torch_threads)
+        steps["torch"] = t["step"]
+    times = time_interleaved(steps, args.steps)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    flops = model_flops(config, shape, j["params"])
+    step_flops = sum(v for k, v in flops.items() if not k.startswith("params"))
+    tokens = shape.batch * shape.seq
+    jt = statistics.median(times["jax"])
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores; jax {jax.__version__} on {dev.platform} "
+                   f"({dev.device_kind})",
+        "load_avg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "config": args.config, "batch": shape.batch, "seq": shape.seq, "dtype": config.lm.dtype,
+        "remat": config.lm.remat_policy, "params_total": flops["params_total"],
+        "params_lm_matmul": flops["params_lm_matmul"], "model_tflop_per_step": step_flops / 1e12,
+        "jax": {"compile_s": j["compile_s"], "step_s": jt, "tokens_per_s": tokens / jt,
+                "mfu": step_flops / jt / peak if peak else None, "steps": len(times["jax"]),
+                "step_times": times["jax"],
+                "device_peak_mib": round(stats["peak_bytes_in_use"] / 2**20) if "peak_bytes_in_use" in stats else None},
+        "peak_flops": peak, "peak_note": peak_note,
+    }
+    if args.torch:
         jl = jax_loss_on(config, j["params"], batch, masked, p, shape.ce_chunk)
-        tt = statistics.median(t["times"])
+        tt = statistics.median(times["torch"])
         result["torch"] = {"step_s": tt, "tokens_per_s": tokens / tt, "mfu": step_flops / tt / peak if peak else None,
-                           "threads": t["threads"], "steps": len(t["times"])}
+                           "threads": t["threads"], "steps": len(times["torch"]), "step_times": times["torch"]}
         result["loss_check"] = {"jax": jl, "torch": t["first_loss"], "rel_diff": abs(jl - t["first_loss"]) / abs(jl)}
         result["torch_over_jax_step_time"] = tt / jt
     print_table(result)
@@ -369,7 +383,7 @@ def print_table(r: dict) -> None:
     print(f"{r['config']}: batch {r['batch']} x seq {r['seq']}, {r['dtype']}, remat {r['remat']}, "
           f"{r['params_total'] / 1e6:.1f}M params ({r['params_lm_matmul'] / 1e6:.1f}M LM matmul), "
           f"{r['model_tflop_per_step']:.3f} model TFLOP/step; peak {r['peak_note']}")
-    print(r["machine"])
+    print(f"{r['machine']}; load average after: {r['load_avg_after']}")
     print("| | JAX (jit) |" + (" PyTorch eager |" if t else ""))
     print("|---|---|" + ("---|" if t else ""))
 
