@@ -37,6 +37,28 @@ draws therefore depend on its own key only, not on its place in the batch.
 Ties in confidence are broken towards the lower position (as ``lax.top_k``); argmax ties towards
 the lower id.
 
+Fast modes (opt-in fields of ``SamplerConfig``; each is still one jitted while loop):
+
+* ``cache=CachePolicy("prefix" | "dual", refresh_every=K)``: a KV cache (``LLaDA.forward_cached``).
+  At the first step of every block and every K steps after it the full canvas runs and every
+  layer's keys/values are stored; the other steps recompute only the current block onward
+  ("prefix", the span starts at the block's group, see ``PREFIX_SPAN_BRANCHES``) or only the
+  current block ("dual"), reading the other positions' keys/values from the cache. Approximate
+  (bidirectional attention: cached entries go stale as the canvas fills); K = 1 is exact.
+  ``SampleOutput.refreshed`` records the steps that refreshed.
+* ``selection=ThresholdSelection(threshold)``: besides the scheduled count, every eligible
+  position with confidence > threshold is committed in the same step; 1.0 is exact.
+* ``adaptive_stop=AdaptiveStop(patience, max_entropy)``: a row whose draft of the block (committed
+  tokens + argmax elsewhere, up to its first end-of-turn) is unchanged for ``patience`` steps and
+  whose open positions have mean entropy < ``max_entropy`` commits the whole draft at once.
+
+With any fast mode the blocks advance for the whole batch once no row can commit in the current
+block (the exact schedule does this after ``steps_per_block`` steps; threshold decoding and the
+adaptive stop usually much earlier); a row that filled its block early waits (not counted in its
+``steps_run``). The global step ``t`` (random draws, refresh schedule) is then a batch-level count,
+so with several blocks a row with random draws (T > 0 or "random" remasking) or a cache may
+depend on its batch-mates; with one block, or deterministic decoding without a cache, it does not.
+
 Differences from the reference code (SPEC wins where they disagree):
 
 * Gumbel-max in fp32 as ``argmax(logits / T + g)`` (SPEC/issue 3); the reference uses float64 and

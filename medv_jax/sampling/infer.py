@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=len(todo), unit="q", file=sys.stderr)
-    skipped, written = [], 0
+    skipped, written, steps_used = [], 0, []
     os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
     started = time.perf_counter()
     with open(args.answers_file, "a", encoding="utf-8") as out:
@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = mm.sample_medv(config, params, batch, keys, sampler_config)
             tokens = np.asarray(result.tokens)
             lengths = np.asarray(result.answer_length)
+            steps_used.extend(int(s) for s in np.asarray(result.steps_run)[: len(pending)])
             for i, (_, row, _, question) in enumerate(pending):
                 answer = {
                     "question_id": row["question_id"],
@@ -252,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(
         f"wrote {written} answers to {args.answers_file} in {elapsed:.1f}s; "
-        f"skipped {len(skipped)} questions and {len(bad)} unreadable rows",
+        f"skipped {len(skipped)} questions and {len(bad)} unreadable rows"
+        + (f"; {np.mean(steps_used):.1f} denoising steps per answer" if steps_used else ""),
         file=sys.stderr,
     )
     return 0
