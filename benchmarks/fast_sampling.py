@@ -66,6 +66,17 @@ def modes(refresh: int, threshold: float, patience: int, entropy: float) -> dict
     }
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_config(path: str):
     spec = importlib.util.spec_from_file_location("bench_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -192,7 +203,7 @@ def main() -> None:
     configs = {m: base.replace(**all_modes[m]) for m in names}
 
     results = json.loads(Path(args.out).read_text()) if os.path.exists(args.out) else {}
-    machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}"
+    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}"
     results.setdefault("meta", {}).update(
         machine=machine, jax=jax.__version__, checkpoint=args.checkpoint,
         sampler=f"L={args.gen_length} block={args.block_length} steps={args.steps}",
