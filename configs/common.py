@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.test_size = 500
     c.data.closed_fraction = 0.5  # synthetic only: share of yes/no questions
     c.data.turns = 1  # synthetic only: question-answer turns per training dialogue (test: 1)
+    c.data.closed_families = ()  # synthetic only: subsets of synthetic.CLOSED_FAMILIES (() = all)
+    c.data.open_families = ()  # ... and of synthetic.OPEN_FAMILIES
     c.data.seed = 0
     c.data.text_format = "conversation"  # | "caption" (stage 1)
     c.data.system_prompt = "medical"  # | "general" | "none" | any text

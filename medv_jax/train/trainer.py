@@ -106,6 +106,9 @@ def data_sources(config: ml_collections.ConfigDict):
         # Extra dialogue turns are a training device: the test split keeps one question per image,
         # as in the VQA benchmarks.
         kw = dict(task=d.task, closed_fraction=d.get("closed_fraction", 0.5))
+        for name in ("closed_families", "open_families"):  # () = all families
+            if d.get(name):
+                kw[name] = tuple(d.get(name))
         return (synthetic.SyntheticMedVQA("train", d.train_size, seed=d.seed, turns=d.get("turns", 1), **kw),
                 synthetic.SyntheticMedVQA("test", d.test_size, seed=d.seed, **kw))
     if d.source == "json":
