@@ -119,12 +119,14 @@ def sampler(out: Path) -> None:
     s = vision.image_size
     layout = image_layout.image_token_layout((s, s), image_config_for(config))
     n_img = layout.num_tokens
-    head = [lm.bos_token_id, lm.start_header_id, 882, lm.end_header_id]
-    tail = [lm.eot_token_id, lm.start_header_id, 78191, lm.end_header_id] if not TINY else \
-        [lm.eot_token_id, lm.start_header_id, 7, lm.end_header_id]
+    user, assistant = (6, 7) if TINY else (882, 78191)  # role-name ids (LLaMA-3 ids at 8B)
+    head = [lm.bos_token_id, lm.start_header_id, user, lm.end_header_id]
+    tail = [lm.eot_token_id, lm.start_header_id, assistant, lm.end_header_id]
     rng = np.random.RandomState(0)
     text = rng.randint(0, lm.bos_token_id, size=prompt_len - len(head) - n_img - len(tail)).tolist()
     tokens = np.asarray(head + [lm.eos_token_id] * n_img + text + tail, np.int32)
+    if tokens.max() >= lm.vocab_size:  # an out-of-range id embeds as NaN and silently ruins the run
+        raise ValueError(f"prompt id {tokens.max()} >= vocab_size {lm.vocab_size}")
     image_mask = np.zeros(len(tokens), bool)
     image_mask[len(head): len(head) + n_img] = True
     index, weight, newline = image_layout.place_in_sequence(image_mask, layout)
