@@ -10,7 +10,10 @@
 Question rows: ``{"question_id": ..., "image": "relative/path.png", "text": "..."}`` (any
 ``<image>`` in the text is removed and the image placed first, as LLaVA-Med's model_vqa does).
 Answer rows: ``{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`` with
-``prompt`` the question text and ``text`` the decoded answer.
+``prompt`` the question text and ``text`` the decoded answer; ``metadata`` holds ``num_tokens``,
+``token_ids`` (generated ids up to the stop), ``steps`` (denoising steps the row ran), ``seconds``
+(an equal share of its batch's sampler wall time), ``batch_seconds``, ``batch_size`` and
+``includes_compile`` (the first batch of a prompt width also compiles its program).
 
 * Fixed-shape batches: every batch has ``--batch_size`` rows (the last one is filled with inert
   rows), prompts are left padded to ``--prompt_length`` (0: the batch's longest rounded up to a
@@ -192,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         progress = tqdm(total=len(todo), unit="q", file=sys.stderr)
     skipped, written, steps_used = [], 0, []
+    compiled_widths: set[int] = set()
     os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
     started = time.perf_counter()
     with open(args.answers_file, "a", encoding="utf-8") as out:
@@ -213,10 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             fillers = [0xFFFFFFFF] * (args.batch_size - len(pending))  # keys of inert rows
             indices = [p[0] for p in pending] + fillers
             keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, np.asarray(indices, np.uint32))
+            t0 = time.perf_counter()
             result = mm.sample_medv(config, params, batch, keys, sampler_config)
-            tokens = np.asarray(result.tokens)
+            tokens = np.asarray(result.tokens)  # waits for the device
+            batch_seconds = time.perf_counter() - t0
+            # The first batch of each prompt width also pays for compiling its program.
+            first_of_width = width not in compiled_widths
+            compiled_widths.add(width)
             lengths = np.asarray(result.answer_length)
-            steps_used.extend(int(s) for s in np.asarray(result.steps_run)[: len(pending)])
+            steps = np.asarray(result.steps_run)
+            steps_used.extend(int(s) for s in steps[: len(pending)])
             for i, (_, row, _, question) in enumerate(pending):
                 answer = {
                     "question_id": row["question_id"],
@@ -224,7 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "text": cli.decode(tokenizer, tokens[i, : lengths[i]]),
                     "answer_id": uuid.uuid4().hex[:22],
                     "model_id": model_id,
-                    "metadata": {},
+                    # Per answer: its generated ids (up to the stop), the denoising steps its batch
+                    # ran, and an equal share of the batch's wall time (sampler only).
+                    "metadata": {
+                        "num_tokens": int(lengths[i]),
+                        "token_ids": [int(t) for t in tokens[i, : lengths[i]]],
+                        "steps": int(steps[i]),
+                        "seconds": batch_seconds / len(pending),
+                        "batch_seconds": batch_seconds,
+                        "batch_size": len(pending),
+                        "includes_compile": first_of_width,
+                    },
                 }
                 out.write(json.dumps(answer, ensure_ascii=False) + "\n")
             out.flush()

@@ -14,7 +14,7 @@ from medv_jax import checkpoint
 from medv_jax.data.testing import build_test_tokenizer
 from medv_jax.data.tokenizer import load_tokenizer, special_token_ids
 from medv_jax.models import medv
-from medv_jax.sampling import generate, infer, multimodal
+from medv_jax.sampling import cli, generate, infer, multimodal
 from medv_jax.sampling.diffusion import SamplerConfig
 
 SAMPLER_FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4"]
@@ -147,10 +147,19 @@ def test_infer_resume_and_bad_rows(files, capsys):
     assert "partly written" in err and "4" in err and "corrupt.png" in err
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [a["question_id"] for a in rows] == [1, 3, 5, 6]
+    tokenizer = load_tokenizer(files["tokenizer"])
     assert rows[0] == first[0]  # untouched
     for a in rows:
         assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-        assert a["model_id"] == "tiny" and a["metadata"] == {} and isinstance(a["text"], str)
+        assert a["model_id"] == "tiny" and isinstance(a["text"], str)
+        meta = a["metadata"]
+        assert set(meta) == {"num_tokens", "token_ids", "steps", "seconds", "batch_seconds", "batch_size",
+                             "includes_compile"}
+        assert meta["num_tokens"] == len(meta["token_ids"]) <= 8 and 1 <= meta["steps"] <= 8
+        assert cli.decode(tokenizer, np.asarray(meta["token_ids"])) == a["text"]
+        assert meta["seconds"] * meta["batch_size"] == pytest.approx(meta["batch_seconds"]) and meta["seconds"] > 0
+    # the run's first batch compiled its program; a later batch of the same width did not
+    assert rows[0]["metadata"]["includes_compile"] and not rows[3]["metadata"]["includes_compile"]
     assert rows[1]["prompt"] == "What modality?"
     # Nothing left: a third run answers nothing.
     assert infer.main(flags) == 0
