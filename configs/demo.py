@@ -24,7 +24,7 @@ def get_config():
     c.model.lm_overrides.head_dim = 32
     c.model.lm_overrides.mlp_hidden_size = 384
     c.model.lm_overrides.max_position_embeddings = 256
-    # LLaDA-8B uses theta 500000 for long contexts; this tiny from-scratch model reads 48 tokens
+    # LLaDA-8B uses theta 500000 for long contexts; this tiny from-scratch model reads 40 tokens
     # and learns positional attention far faster with the common 10000.
     c.model.lm_overrides.rope_theta = 10000.0
     c.model.vision_preset = "siglip_tiny"
@@ -43,8 +43,8 @@ def get_config():
     c.data.train_size = 1_000_000  # drawn on the fly: no record repeats within the run
     c.data.test_size = 400
     c.data.system_prompt = "none"
-    c.data.max_length = 48
-    c.data.prompt_length = 42
+    c.data.max_length = 40  # the longest record is 39 tokens: little labelled EOS padding
+    c.data.prompt_length = 40
     c.data.max_crops = 1
     c.data.too_long = "raise"
 
@@ -57,6 +57,10 @@ def get_config():
     c.train.checkpoint_every = 500
 
     c.optim.lr = 2e-3
+    # The diffusion loss weights each masked token by 1/p, so rare sequences with tiny p give large
+    # gradients; with b2 = 0.999 they hold Adam's second moment up for ~1000 steps and slow learning
+    # (measured: open recall 0.0 vs 0.44 after 800 steps with b2 = 0.95).
+    c.optim.b2 = 0.95
     c.optim.warmup_ratio = 0.03
     c.optim.param_groups = []  # everything trains from scratch
 
