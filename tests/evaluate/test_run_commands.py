@@ -98,14 +98,25 @@ def test_run_vqa_resumes_and_scores_infer_answers(files, tmp_path, capsys):
         assert metrics[key] == scored[key], key
     assert (metrics["n_closed"], metrics["n_open"], metrics["n_missing"]) == (2, 2, 0)
     assert metrics["dataset"] == "vqa_rad" and metrics["sampler"]["steps"] == 2
-    # Timing: each call's wall time spread over its answers; tokens re-encoded from the text.
+    # Timing and token counts: the exact per-answer figures infer records in each row's metadata
+    # (sampler seconds, generated ids up to the stop) win over the wall-time / re-encoding fallback.
     lengths = metrics["response_length"]
-    wall = sum(t["wall_seconds"] for t in timing)
-    assert lengths["seconds_per_question"] == pytest.approx(wall / 4)
-    tokenizer = load_tokenizer(files["tokenizer"])
-    counts = [generation.count_tokens(tokenizer, a["text"]) for a in answers]
+    seconds = [a["metadata"]["seconds"] for a in answers]
+    counts = [a["metadata"]["num_tokens"] for a in answers]
+    assert all(s > 0 for s in seconds) and sum(seconds) <= sum(t["wall_seconds"] for t in timing)
+    assert lengths["seconds_per_question"] == pytest.approx(sum(seconds) / 4)
     assert lengths["tokens_per_question"] == pytest.approx(sum(counts) / 4)
-    assert lengths["tokens_per_second"] == pytest.approx(sum(counts) / wall)
+    assert lengths["tokens_per_second"] == pytest.approx(sum(counts) / sum(seconds))
+    # Rows without those fields (e.g. another tool's answers) fall back to their call's wall time
+    # spread over its answers and to tokens re-encoded from the text.
+    for a in answers:
+        a.pop("metadata")
+    (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    tokenizer = load_tokenizer(files["tokenizer"])
+    fallback = generation.timed_answers(str(out), tokenizer)
+    wall = {str(i): t["wall_seconds"] / t["answered"] for t in timing for i in t["question_ids"]}
+    assert [r["seconds"] for r in fallback] == pytest.approx([wall[str(a["question_id"])] for a in answers])
+    assert [r["num_tokens"] for r in fallback] == [generation.count_tokens(tokenizer, a["text"]) for a in answers]
     per_question = [json.loads(line) for line in (out / "per_question.jsonl").read_text().splitlines()]
     assert [p["question_id"] for p in per_question] == [1, 2, 3, "q4"]
 
@@ -166,11 +177,15 @@ def test_sweep_writes_table_and_plot(files, tmp_path, capsys):
     tokenizer = load_tokenizer(files["tokenizer"])
     for row in rows:
         run_dir = out / f"L{row['gen_length']}_B{row['block_length']}_N{row['steps']}"
-        texts = [json.loads(line)["text"] for line in (run_dir / "answers.jsonl").read_text().splitlines()]
+        answers = [json.loads(line) for line in (run_dir / "answers.jsonl").read_text().splitlines()]
+        texts = [a["text"] for a in answers]
         assert len(texts) == 2
         share = 100 * sum(repeated_ngram_share(words(t), 3) for t in texts) / 2
         assert float(row["repeated_ngram_share"]) == pytest.approx(share)
-        runs = [longest_run(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        # token runs are read on the generated ids infer records (they decode to the answer text)
+        ids = [a["metadata"]["token_ids"] for a in answers]
+        assert [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids] == texts
+        runs = [longest_run(i) for i in ids]
         assert float(row["longest_token_run"]) == pytest.approx(sum(runs) / 2)
         assert int(row["max_longest_token_run"]) == max(runs)
         metrics = json.loads((run_dir / "metrics.json").read_text())
