@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from medv_jax import checkpoint
-from medv_jax.data.testing import build_test_tokenizer
 from medv_jax.data.tokenizer import load_tokenizer
 from medv_jax.evaluate.__main__ import main
 from medv_jax.evaluate import generation
 from medv_jax.evaluate.repetition import repeated_ngram_share, longest_run, words
-from medv_jax.models import medv
-from medv_jax.sampling import infer, multimodal
+from medv_jax.sampling import infer
 
 from tests.evaluate.test_judge import FakeJudge, _qa50
+from tests.tiny_medv import write_tiny_medv
 
 FAST = ["--gen_length", "4", "--block_length", "4", "--steps", "2"]
 
@@ -29,14 +26,7 @@ FAST = ["--gen_length", "4", "--block_length", "4", "--steps", "2"]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate_runs")
-    tok_dir = build_test_tokenizer(root / "tokenizer", special_ids_base=0)
-    tokenizer = load_tokenizer(tok_dir)
-    vocab = multimodal.round_up(multimodal.tokenizer_vocab_size(tokenizer), 64)
-    config = medv.MEDV_PRESETS["medv_tiny"]
-    config = multimodal.with_tokenizer_ids(config.replace(lm=config.lm.replace(vocab_size=vocab)), tokenizer)
-    params = jax.jit(medv.init_params, static_argnums=0)(config, jax.random.key(0))
-    params["lm"]["lm_head"]["kernel"] = params["lm"]["lm_head"]["kernel"] * 30.0  # peaked outputs
-    ckpt = checkpoint.save_pretrained(root / "ckpt", config, params)
+    _, tok_dir, ckpt = write_tiny_medv(root)
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

@@ -11,11 +11,10 @@ import pytest
 from PIL import Image
 
 from medv_jax import checkpoint
-from medv_jax.data.testing import build_test_tokenizer
 from medv_jax.data.tokenizer import load_tokenizer, special_token_ids
-from medv_jax.models import medv
 from medv_jax.sampling import cli, generate, infer, multimodal
 from medv_jax.sampling.diffusion import SamplerConfig
+from tests.tiny_medv import write_tiny_medv
 
 SAMPLER_FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4"]
 
@@ -23,17 +22,7 @@ SAMPLER_FLAGS = ["--gen_length", "8", "--block_length", "4", "--steps", "4"]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("commands")
-    tok_dir = build_test_tokenizer(root / "tokenizer", special_ids_base=0)
-    tokenizer = load_tokenizer(tok_dir)
-    vocab = multimodal.round_up(multimodal.tokenizer_vocab_size(tokenizer), 64)
-    config = medv.MEDV_PRESETS["medv_tiny"]
-    config = multimodal.with_tokenizer_ids(config.replace(lm=config.lm.replace(vocab_size=vocab)), tokenizer)
-    params = jax.jit(medv.init_params, static_argnums=0)(config, jax.random.key(0))
-    # Sharper output distributions than the 0.02-std init, and an end-of-turn that can win.
-    kernel = params["lm"]["lm_head"]["kernel"] * 30.0
-    kernel = kernel.at[:, config.lm.eot_token_id].multiply(3.0)
-    params["lm"]["lm_head"]["kernel"] = kernel
-    ckpt = checkpoint.save_pretrained(root / "ckpt", config, params)
+    config, tok_dir, ckpt = write_tiny_medv(root, eot_scale=3.0)  # an end-of-turn that can win
 
     images = root / "images"
     images.mkdir()
