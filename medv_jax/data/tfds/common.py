@@ -23,6 +23,7 @@ import abc
 import collections
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -75,6 +76,30 @@ def answer_type_of(value: Any, where: str) -> str:
     if kind not in ANSWER_TYPES:
         raise ReleaseError(f"{where}: answer_type {value!r} is neither CLOSED nor OPEN")
     return kind
+
+
+def read_json_list(path: Path, dataset: str) -> list[Any]:
+    """A release file holding one JSON list, or a ReleaseError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ReleaseError(f"{dataset}: cannot read {path}: {e}") from e
+    if not isinstance(data, list):
+        raise ReleaseError(f"{dataset}: {path} does not hold a JSON list")
+    return data
+
+
+def checked_rows(rows: Sequence[Any], path: Path, required: Sequence[str]) -> Iterator[tuple[int, str, dict]]:
+    """(index, where, row) of release rows that are objects holding every `required` field;
+    otherwise a ReleaseError naming the file, the row and its qid."""
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ReleaseError(f"{path} row {n}: not an object")
+        where = f"{path} row {n} (qid {row.get('qid')!r})"
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ReleaseError(f"{where}: missing field(s) {missing}")
+        yield n, where, row
 
 
 def text_of(value: Any, what: str, where: str) -> str:

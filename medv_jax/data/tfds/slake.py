@@ -1,7 +1,6 @@
 """SLAKE (Liu et al. 2021), English questions only, as a TFDS dataset from a manual folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,20 +38,8 @@ class Slake(common.VqaBuilder):
 
 
 def _official_rows(path: Path, images: common.ImageIndex) -> Iterator[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise common.ReleaseError(f"slake: cannot read {path}: {e}") from e
-    if not isinstance(data, list):
-        raise common.ReleaseError(f"slake: {path} does not hold a JSON list")
-    for n, row in enumerate(data):
-        where = f"{path} row {n}"
-        if not isinstance(row, dict):
-            raise common.ReleaseError(f"{where}: not an object")
-        where = f"{path} row {n} (qid {row.get('qid')!r})"
-        missing = [k for k in ("img_name", "question", "answer", "answer_type", "q_lang") if k not in row]
-        if missing:
-            raise common.ReleaseError(f"{where}: missing field(s) {missing}")
+    data = common.read_json_list(path, "slake")
+    for n, where, row in common.checked_rows(data, path, ("img_name", "question", "answer", "answer_type", "q_lang")):
         if str(row["q_lang"]).strip().lower() != "en":
             continue
         name = str(row["img_name"]).strip()

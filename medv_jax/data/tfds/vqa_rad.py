@@ -1,7 +1,6 @@
 """VQA-RAD (Lau et al. 2018) as a TFDS dataset, from the official release in a manual folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,19 +45,9 @@ def _looks_official(path: Path) -> bool:
 
 def _official_rows(path: Path, images: common.ImageIndex, split: str) -> Iterator[dict[str, Any]]:
     """Rows of `split`: test = phrase_type test_freeform / test_para, train = the others."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise common.ReleaseError(f"vqa_rad: cannot read {path}: {e}") from e
-    if not isinstance(data, list):
-        raise common.ReleaseError(f"vqa_rad: {path} does not hold a JSON list")
-    for n, row in enumerate(data):
-        where = f"{path} row {n} (qid {row.get('qid')!r})" if isinstance(row, dict) else f"{path} row {n}"
-        if not isinstance(row, dict):
-            raise common.ReleaseError(f"{where}: not an object")
-        missing = [k for k in ("image_name", "question", "answer", "answer_type", "phrase_type") if k not in row]
-        if missing:
-            raise common.ReleaseError(f"{where}: missing field(s) {missing}")
+    data = common.read_json_list(path, "vqa_rad")
+    for n, where, row in common.checked_rows(
+            data, path, ("image_name", "question", "answer", "answer_type", "phrase_type")):
         if ("test" if str(row["phrase_type"]).strip().lower().startswith("test") else "train") != split:
             continue
         yield {
