@@ -12,9 +12,9 @@
 #   bash benchmarks/gpu_check.sh                    # on the GPU machine, from anywhere
 #   GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # CPU dry run with tiny shapes
 #
-# Knobs (environment): GPU_CHECK_FAST="prefix:8:0.9,dual:4:0.9" (accelerated settings,
-# cache_mode:refresh_every:threshold; default prefix:8:0.9), GPU_CHECK_ATTENTION=cudnn,
-# GPU_CHECK_SAMPLER_S / GPU_CHECK_TRAIN_S (time limits of the two parts, default 270 / 170 s),
+# Knobs (environment): GPU_CHECK_FAST="prefix:8:0.9,dual:4:0.9:128" (accelerated settings,
+# cache_mode:refresh_every:threshold[:steps]; default in gpu_check.py), GPU_CHECK_ATTENTION=cudnn,
+# GPU_CHECK_SAMPLER_S / GPU_CHECK_TRAIN_S (time limits of the two parts, default 300 / 170 s),
 # GPU_CHECK_OUT (folder for the JSON lines; default a temporary one).
 set -u
 cd "$(dirname "$0")/.."
@@ -28,8 +28,8 @@ rm -f "$OUT_DIR/sampler.jsonl" "$OUT_DIR/train.jsonl"
 start=$(date +%s)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-echo "== 1/2 samplers (limit ${GPU_CHECK_SAMPLER_S:-270} s)"
-timeout -k 10 "${GPU_CHECK_SAMPLER_S:-270}" "$PY" benchmarks/gpu_check.py sampler --out "$OUT_DIR/sampler.jsonl" \
+echo "== 1/2 samplers (limit ${GPU_CHECK_SAMPLER_S:-300} s)"
+timeout -k 10 "${GPU_CHECK_SAMPLER_S:-300}" "$PY" benchmarks/gpu_check.py sampler --out "$OUT_DIR/sampler.jsonl" \
   || echo "sampler part ended with status $? (124 = time limit)"
 echo "== 2/2 training (limit ${GPU_CHECK_TRAIN_S:-170} s)"
 timeout -k 10 "${GPU_CHECK_TRAIN_S:-170}" "$PY" benchmarks/gpu_check.py train --out "$OUT_DIR/train.jsonl" \
