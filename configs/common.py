@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5
     c.optim.warmup_ratio = 0.03
+    c.optim.final_lr_ratio = 0.0  # the cosine decays to final_lr_ratio * lr
     c.optim.weight_decay = 0.0
     c.optim.max_grad_norm = 1.0
     c.optim.b1 = 0.9

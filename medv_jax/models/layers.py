@@ -41,6 +41,47 @@ def param_init(init: Callable, names: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
+class FlatDense(nn.Module):
+    """A dense layer contracting the last ``in_axes`` axes of ``x`` into ``features`` (an int or a
+    tuple: the kernel is ``x.shape[-in_axes:] + features``), computed as one 2-D matmul.
+
+    Same parameters as ``nn.Dense`` / ``nn.DenseGeneral`` (names ``kernel``, ``bias``; shapes;
+    initialisers), but the leading axes are flattened first: XLA:CPU computes the weight gradient
+    of a ``[B, T, D] x [D, F]`` dot_general about 2x slower than that of the same product written
+    as ``[B*T, D] x [D, F]`` (benchmarks/RESULTS.md, "Training step on CPU"); on GPU/TPU the two are
+    the same program.
+    """
+
+    features: int | tuple[int, ...]
+    in_axes: int = 1
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # [..., *in] -> [..., *features]
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = tuple(x.shape[-self.in_axes:])
+        lead = x.shape[: x.ndim - self.in_axes]
+        kernel = self.param("kernel", self.kernel_init, in_shape + features, self.param_dtype)
+        n_in, n_out = _prod(in_shape), _prod(features)
+        x2 = x.astype(self.dtype).reshape((-1, n_in))
+        y = jnp.dot(x2, kernel.astype(self.dtype).reshape((n_in, n_out)))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+            y = y + bias.astype(self.dtype).reshape((n_out,))
+        return y.reshape(lead + features)
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def attention(
     q: Array,  # [batch, q_len, heads, head_dim]
     k: Array,  # [batch, kv_len, kv_heads, head_dim]
@@ -86,11 +127,4 @@ def scan_layers(
 
 def count_params(tree: Any) -> int:
     """Number of scalars in a (possibly abstract, possibly boxed) parameter tree."""
-    leaves = jax.tree_util.tree_leaves(nn.unbox(tree))
-    total = 0
-    for leaf in leaves:
-        size = 1
-        for d in leaf.shape:
-            size *= int(d)
-        total += size
-    return total
+    return sum(_prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nn.unbox(tree)))

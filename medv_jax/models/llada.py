@@ -135,7 +135,7 @@ class Attention(nn.Module):
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def proj(heads, name, axis_name):
-            return nn.DenseGeneral(
+            return layers.FlatDense(
                 features=(heads, cfg.head_dim),
                 use_bias=False,
                 dtype=dtype,
@@ -155,9 +155,9 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), kv_start, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), kv_start, axis=1)
         out = layers.attention(q, k, v, key_mask, cfg.attention_impl)  # [B, S, H, Dh]
-        out = nn.DenseGeneral(
+        out = layers.FlatDense(
             features=cfg.hidden_size,
-            axis=(-2, -1),
+            in_axes=2,
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -178,7 +178,7 @@ class GatedMLP(nn.Module):
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def dense(features, names, name):
-            return nn.Dense(
+            return layers.FlatDense(
                 features,
                 use_bias=False,
                 dtype=dtype,
@@ -260,7 +260,7 @@ class LLaDA(nn.Module):
             config=cfg,
         )
         self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
-        self.lm_head = nn.Dense(
+        self.lm_head = layers.FlatDense(
             cfg.vocab_size,
             use_bias=False,
             dtype=dtype,

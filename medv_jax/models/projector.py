@@ -24,7 +24,7 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         def dense(names, name):
-            return nn.Dense(
+            return layers.FlatDense(
                 self.out_features,
                 dtype=layers.to_dtype(self.dtype),
                 param_dtype=layers.to_dtype(self.param_dtype),

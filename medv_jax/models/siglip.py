@@ -99,7 +99,7 @@ class Attention(nn.Module):
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def proj(name):
-            return nn.DenseGeneral(
+            return layers.FlatDense(
                 features=(cfg.num_heads, cfg.head_dim),
                 dtype=dtype,
                 param_dtype=param_dtype,
@@ -109,9 +109,9 @@ class Attention(nn.Module):
             )(x)
 
         out = layers.attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), None, cfg.attention_impl)
-        return nn.DenseGeneral(
+        return layers.FlatDense(
             features=cfg.hidden_size,
-            axis=(-2, -1),
+            in_axes=2,
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=layers.param_init(_INIT, ("vit_heads", "head_dim", "vit_embed")),
@@ -129,7 +129,7 @@ class MLP(nn.Module):
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def dense(features, names, name):
-            return nn.Dense(
+            return layers.FlatDense(
                 features,
                 dtype=dtype,
                 param_dtype=param_dtype,

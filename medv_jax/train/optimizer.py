@@ -40,10 +40,16 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
     return unflatten_dict({**flatten_dict(trainable), **flatten_dict(frozen)})
 
 
-def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warmup over ``warmup_ratio`` of the steps to ``peak``, then cosine decay to 0."""
+def learning_rate_schedule(
+    peak: float, total_steps: int, warmup_ratio: float, final_lr_ratio: float = 0.0
+) -> optax.Schedule:
+    """Linear warmup over ``warmup_ratio`` of the steps to ``peak``, then cosine decay to
+    ``final_lr_ratio * peak`` (0: to zero, the recipe's schedule)."""
+    if not 0.0 <= final_lr_ratio <= 1.0:
+        raise ValueError(f"optim.final_lr_ratio={final_lr_ratio} must be in [0, 1]")
     warmup = max(1, int(round(warmup_ratio * total_steps)))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), 0.0)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup, max(total_steps, warmup + 1), final_lr_ratio * peak)
 
 
 def make_optimizer(
@@ -57,13 +63,14 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    final_lr_ratio: float = 0.0,
 ) -> optax.GradientTransformation:
     """The optimizer over the *trainable* tree (see ``split_frozen``)."""
     rates = {"default": default_lr}
     rates.update({f"group{i}": lr for i, (_, lr) in enumerate(groups) if lr is not None})
     labels = unflatten_dict({k: group_of(param_path(k), groups) for k in flatten_dict(trainable)})
     per_group = {
-        name: optax.adamw(learning_rate_schedule(lr, total_steps, warmup_ratio), b1, b2, eps,
+        name: optax.adamw(learning_rate_schedule(lr, total_steps, warmup_ratio, final_lr_ratio), b1, b2, eps,
                           weight_decay=weight_decay)
         for name, lr in rates.items()
     }

@@ -270,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)
     o = config.optim
     tx = opt_lib.make_optimizer(trainable_shape, groups, o.lr, total_steps, o.warmup_ratio,
-                                o.weight_decay, o.max_grad_norm, o.b1, o.b2, o.eps)
+                                o.weight_decay, o.max_grad_norm, o.b1, o.b2, o.eps, o.final_lr_ratio)
 
     params = initial_params(config, model_cfg, mesh, config.seed)
     if params is None:

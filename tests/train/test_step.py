@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from medv_jax import sharding as shd
 from medv_jax.models import llada, medv, siglip
@@ -143,3 +144,14 @@ def test_gradient_accumulation_equals_large_batch():
     state4, losses4, _ = _run((2, 2, 2), micro=4)
     np.testing.assert_allclose(losses4, losses1, rtol=1e-5)
     _assert_params_close(state4.params, state1.params)
+
+
+def test_schedule_warms_up_then_decays_to_its_floor():
+    sched = opt_lib.learning_rate_schedule(1e-3, total_steps=100, warmup_ratio=0.1, final_lr_ratio=0.25)
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(55)), 1e-3 * (0.25 + 0.75 * 0.5), rtol=1e-5)  # cosine midpoint
+    np.testing.assert_allclose(float(sched(100)), 2.5e-4, rtol=1e-6)
+    assert float(opt_lib.learning_rate_schedule(1e-3, 100, 0.1)(100)) == 0.0  # the recipe: to zero
+    with pytest.raises(ValueError, match="final_lr_ratio"):
+        opt_lib.learning_rate_schedule(1e-3, 100, 0.1, final_lr_ratio=1.5)
