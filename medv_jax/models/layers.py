@@ -48,7 +48,7 @@ class FlatDense(nn.Module):
     Same parameters as ``nn.Dense`` / ``nn.DenseGeneral`` (names ``kernel``, ``bias``; shapes;
     initialisers), but the leading axes are flattened first: XLA:CPU computes the weight gradient
     of a ``[B, T, D] x [D, F]`` dot_general about 2x slower than that of the same product written
-    as ``[B*T, D] x [D, F]`` (benchmarks/RESULTS.md, "Training step on CPU"); on GPU/TPU the two are
+    as ``[B*T, D] x [D, F]`` (benchmarks/RESULTS.md, "Training step"); on GPU/TPU the two are
     the same program.
     """
 
