@@ -6,6 +6,7 @@ are inert and the params are plain arrays after ``nn.unbox``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -66,20 +67,13 @@ class FlatDense(nn.Module):
         in_shape = tuple(x.shape[-self.in_axes:])
         lead = x.shape[: x.ndim - self.in_axes]
         kernel = self.param("kernel", self.kernel_init, in_shape + features, self.param_dtype)
-        n_in, n_out = _prod(in_shape), _prod(features)
+        n_in, n_out = math.prod(in_shape), math.prod(features)
         x2 = x.astype(self.dtype).reshape((-1, n_in))
         y = jnp.dot(x2, kernel.astype(self.dtype).reshape((n_in, n_out)))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, features, self.param_dtype)
             y = y + bias.astype(self.dtype).reshape((n_out,))
         return y.reshape(lead + features)
-
-
-def _prod(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def attention(
@@ -127,4 +121,4 @@ def scan_layers(
 
 def count_params(tree: Any) -> int:
     """Number of scalars in a (possibly abstract, possibly boxed) parameter tree."""
-    return sum(_prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nn.unbox(tree)))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nn.unbox(tree)))
