@@ -65,27 +65,32 @@ class BanToken:
 
 
 def fast_configs(base) -> list[tuple[str, object]]:
-    """The accelerated sampler settings, passed by name to SamplerConfig (another engineer's fast
-    modes). Returns [] with a clear message when this checkout's sampler lacks them."""
+    """The accelerated sampler settings named by ``GPU_CHECK_FAST`` (comma-separated
+    ``cache_mode:refresh_every:threshold[:steps]``, e.g. ``prefix:8:0.9`` or ``dual:4:0.9:128``).
+    Returns [] with a message when this checkout's sampler lacks the fast modes; a malformed entry
+    is an error naming it."""
     try:
         from medv_jax.sampling.diffusion import CachePolicy, ThresholdSelection
-
-        modes = os.environ.get("GPU_CHECK_FAST", DEFAULT_FAST).split(",")
-        out = []
-        for m in modes:  # "cache_mode:refresh_every:threshold[:steps]", e.g. prefix:8:0.9 or dual:4:0.9:128
+    except ImportError as e:
+        print(f"accelerated sampler: not available in this checkout ({e}); only the exact sampler is "
+              "measured", flush=True)
+        return []
+    out = []
+    for m in os.environ.get("GPU_CHECK_FAST", DEFAULT_FAST).split(","):
+        try:
             mode, k, th, *steps = m.split(":")
+            if len(steps) > 1:
+                raise ValueError("too many fields")
             cfg = base.replace(cache=CachePolicy(mode=mode, refresh_every=int(k)),
                                selection=ThresholdSelection(threshold=float(th)))
-            name = f"{mode} cache K={k} + threshold {th}"
-            if steps:  # a shorter schedule: gen_length / steps tokens committed per step at least
+            if steps:  # a shorter schedule: at least gen_length / steps tokens committed per step
                 cfg = cfg.replace(steps=int(steps[0]))
-                name += f", N={steps[0]}"
-            out.append((name, cfg))
-        return out
-    except (ImportError, TypeError, ValueError) as e:
-        print(f"accelerated sampler: not available in this checkout ({type(e).__name__}: {e}); "
-              "only the exact sampler is measured", flush=True)
-        return []
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"GPU_CHECK_FAST entry {m!r}: {e} (expected cache_mode:refresh_every:"
+                             "threshold[:steps], e.g. prefix:8:0.9 or dual:4:0.9:128)") from None
+        name = f"{mode} cache K={k} + threshold {th}" + (f", N={steps[0]}" if steps else "")
+        out.append((name, cfg))
+    return out
 
 
 def sampler(out: Path) -> None:

@@ -49,9 +49,10 @@ def get_config():
     c.data.too_long = "raise"
     # The demo asks the modality and region questions (yes/no and open). Reading an attribute off
     # the scan is learned in a few hundred steps; the yes/no questions, which compare it with a
-    # word of the question, take ~1000 steps of batch 64 per family (benchmarks/RESULTS.md), so
-    # the lesion families (presence, normal, side, multiple, count) do not fit the demo's 10
-    # minutes on 2 CPU cores. Add them with --config.data.closed_families / open_families.
+    # word of the question, take most of the demo's 1000 steps of batch 64 for these two families,
+    # and with every family (lesion presence, normal, side, multiple, count too) 1200 steps reach
+    # only 62 % closed (benchmarks/RESULTS.md), which does not fit the demo's 10 minutes on 2 CPU
+    # cores. Add them with --config.data.closed_families / open_families.
     c.data.closed_families = ("modality", "region")
     c.data.open_families = ("modality", "region")
     # Three closed questions for one open one: the open answers are learned long before the yes/no
