@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"
     c.model.remat_policy = "full"
-    c.model.attention_impl = ""  # "" (JAX picks) | "xla" | "cudnn"
+    c.model.attention_impl = ""  # "" (per_head on CPU, JAX's choice elsewhere) | "xla" | "cudnn" | "per_head"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "json"  # "json" (LLaVA records) | "tfds" | "synthetic"

@@ -54,7 +54,7 @@ class LLaDAConfig:
     # Numerics and implementation choices (not part of the checkpoint).
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str | None = None  # None | "xla" | "cudnn"
+    attention_impl: str | None = None  # None | "xla" | "cudnn" | "per_head" (layers.attention)
     remat_policy: str = "none"
 
     def __post_init__(self):

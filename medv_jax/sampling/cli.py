@@ -31,7 +31,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     g.add_argument(
-        "--attention_impl", default=None, choices=["xla", "cudnn"], help="attention kernel (default: JAX's choice)"
+        "--attention_impl", default=None, choices=["xla", "cudnn", "per_head"],
+        help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)",
     )
     g.add_argument(
         "--system_prompt",
