@@ -14,13 +14,17 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import jax
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from medv_jax.models import llada
-from medv_jax.sampling.diffusion import SamplerConfig, compile_generate_text
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medv_jax.models import llada  # noqa: E402
+from medv_jax.sampling.diffusion import SamplerConfig, compile_generate_text  # noqa: E402
 
 PRESETS = {
     # A CPU-sized wide model (hidden 768, 8 layers, vocab 32k).
@@ -51,8 +55,8 @@ def main() -> None:
     p.add_argument("--gen_length", type=int, default=128)
     p.add_argument("--block_length", type=int, default=128)
     p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--attention_impl", default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "per_head"])
     args = p.parse_args()
 
     base = llada.LLADA_PRESETS["llada_tiny" if args.preset == "llada_tiny" else "llada_8b"]

@@ -76,10 +76,12 @@ CONFIGS: dict[str, TrainShape] = {
 }
 
 
-def medv_config(shape: TrainShape, remat: str | None = None, dtype: str | None = None):
+def medv_config(shape: TrainShape, remat: str | None = None, dtype: str | None = None,
+                attention_impl: str | None = None):
     from medv_jax.models import llada, medv, siglip
 
-    numerics = dict(dtype=dtype or shape.dtype, param_dtype="float32", remat_policy=remat or shape.remat)
+    numerics = dict(dtype=dtype or shape.dtype, param_dtype="float32", remat_policy=remat or shape.remat,
+                    attention_impl=attention_impl)
     lm = llada.LLADA_PRESETS["llada_8b"].replace(**shape.lm, **numerics)
     vocab = lm.vocab_size
     if lm.mask_token_id >= vocab:  # small vocabularies: special ids at the top (as a tokenizer would)
@@ -317,7 +319,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     ap.add_argument("--remat", default=None, help="override the config's remat policy")
+    ap.add_argument("--ce_chunk", type=int, default=None, help="override the cross-entropy chunk")
     ap.add_argument("--dtype", default=None, help="override the config's compute dtype")
+    ap.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "per_head"],
+                    help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)")
     ap.add_argument("--peak_flops", type=float, default=None)
     ap.add_argument("--torch", action="store_true", help="also time the eager PyTorch train step (fp32)")
     ap.add_argument("--torch_threads", type=int, default=None)
@@ -327,8 +332,9 @@ def main(argv=None) -> dict:
     import jax
 
     shape = CONFIGS[args.config]
-    shape = dataclasses.replace(shape, batch=args.batch or shape.batch, seq=args.seq or shape.seq)
-    config = medv_config(shape, args.remat, args.dtype)
+    shape = dataclasses.replace(shape, batch=args.batch or shape.batch, seq=args.seq or shape.seq,
+                                ce_chunk=args.ce_chunk or shape.ce_chunk)
+    config = medv_config(shape, args.remat, args.dtype, args.attention_impl)
     if args.torch and config.lm.dtype != "float32":
         ap.error("--torch compares fp32 steps: pass --dtype float32")
     batch = make_batch(config, shape)

@@ -6,7 +6,9 @@ sequence's loss is the sum over masked positions of CE / p, divided by its numbe
 positions; the batch loss is the mean over sequences. All assistant turns of a dialogue share t.
 
 The cross-entropy is computed in chunks over the sequence, each chunk's fp32 logits recomputed in
-the backward pass, so ``[batch, length, vocab]`` fp32 logits never exist at once.
+the backward pass, so ``[batch, length, vocab]`` fp32 logits never exist at once; and only where it
+is used: the masked positions are gathered to the front of each row first and chunks holding none
+are skipped, so the LM head's cost follows the masked tokens, not the sequence length.
 """
 from __future__ import annotations
 
@@ -37,13 +39,33 @@ def chunked_token_ce(
     hidden: Array,  # [B, T, D]
     targets: Array,  # [B, T] int (any valid id where ignored)
     chunk: int,
-) -> Array:  # [B, T] fp32 token cross-entropy
+    needed: Array | None = None,  # [B, T] bool: the positions whose CE is used
+) -> Array:  # [B, T] fp32 token cross-entropy (0 where not needed)
+    """Token cross-entropy in sequence chunks of ``chunk`` positions, each chunk's logits recomputed
+    in the backward pass.
+
+    With ``needed`` (the loss reads the CE of masked positions only), each row's needed positions
+    are first moved to the front (a stable sort, undone at the end) and a chunk none of whose
+    positions is needed in any row is skipped (``lax.cond``): the LM head then runs over
+    ``ceil(max needed per row / chunk)`` chunks instead of all of them (prompts, image tokens and
+    unmasked answer tokens cost nothing). The result is the same as without ``needed`` at the
+    needed positions, and 0 elsewhere.
+    """
     batch, length, _ = hidden.shape
     chunk = min(chunk, length)
+    inverse = None
+    if needed is not None:
+        order = jnp.argsort(~needed, axis=1, stable=True)  # [B, T]: needed positions first
+        inverse = jnp.argsort(order, axis=1)
+        hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, order, axis=1)
+        needed = jnp.take_along_axis(needed, order, axis=1)
     pad = (-length) % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        if needed is not None:
+            needed = jnp.pad(needed, ((0, 0), (0, pad)))
     n = hidden.shape[1] // chunk
     h = hidden.reshape(batch, n, chunk, -1).swapaxes(0, 1)  # [n, B, c, D]
     y = targets.reshape(batch, n, chunk).swapaxes(0, 1)  # [n, B, c]
@@ -54,8 +76,21 @@ def chunked_token_ce(
         target_logit = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
         return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
-    ce = jax.lax.map(lambda xs: one_chunk(*xs), (h, y))  # [n, B, c]
-    return ce.swapaxes(0, 1).reshape(batch, -1)[:, :length]
+    if needed is None:
+        ce = jax.lax.map(lambda xs: one_chunk(*xs), (h, y))  # [n, B, c]
+    else:
+        use = needed.reshape(batch, n, chunk).swapaxes(0, 1)  # [n, B, c]
+
+        def maybe_chunk(xs):
+            h_c, y_c, use_c = xs
+            ce_c = jax.lax.cond(
+                jnp.any(use_c), one_chunk, lambda h_c, y_c: jnp.zeros(y_c.shape, jnp.float32), h_c, y_c
+            )
+            return jnp.where(use_c, ce_c, 0.0)
+
+        ce = jax.lax.map(maybe_chunk, (h, y, use))
+    ce = ce.swapaxes(0, 1).reshape(batch, -1)[:, :length]
+    return ce if inverse is None else jnp.take_along_axis(ce, inverse, axis=1)
 
 
 def sequence_losses(token_ce: Array, masked: Array, p: Array, answer_mask: Array) -> Array:
@@ -92,7 +127,7 @@ def diffusion_loss(
     )
     logits_fn = lambda h: model.apply(variables, h, method=lambda m, x: m.lm.logits(x))
     targets = jnp.where(answer_mask, labels, 0)
-    token_ce = chunked_token_ce(logits_fn, hidden, targets, ce_chunk)
+    token_ce = chunked_token_ce(logits_fn, hidden, targets, ce_chunk, needed=masked)
     per_seq = sequence_losses(token_ce, masked, p, answer_mask)
     metrics = {
         "loss": jnp.mean(per_seq),

@@ -83,6 +83,46 @@ def test_chunked_ce_matches_unchunked_with_gradients():
     np.testing.assert_allclose(loss_lib.chunked_token_ce(lambda x: x @ w, h, y, 4), ref, rtol=1e-6)
 
 
+def test_chunked_ce_on_needed_positions_only():
+    h = jax.random.normal(jax.random.key(0), (3, 12, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 33))
+    y = jax.random.randint(jax.random.key(2), (3, 12), 0, 33)
+    needed = np.zeros((3, 12), bool)
+    needed[0, [1, 5, 11]] = True  # scattered: after the gather they fill the first chunk
+    needed[1, [0, 2]] = True
+    # row 2 needs nothing
+    needed = jnp.asarray(needed)
+    ref = jax.nn.logsumexp(h @ w, -1) - jnp.take_along_axis(h @ w, y[..., None], -1)[..., 0]
+
+    calls = []
+
+    def logits_fn(x, w):
+        jax.debug.callback(lambda: calls.append(1))
+        return x @ w
+
+    def total(w, h, chunk, needed):
+        ce = loss_lib.chunked_token_ce(lambda x: logits_fn(x, w), h, y, chunk, needed)
+        return jnp.sum(jnp.where(needed, ce * jnp.arange(12), 0.0)), ce
+
+    for chunk in (3, 4, 5, 12):
+        calls.clear()
+        (_, ce), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(w, h, chunk, needed)
+        np.testing.assert_allclose(ce, jnp.where(needed, ref, 0.0), rtol=1e-6, atol=1e-6)
+        ref_grads = jax.grad(lambda w, h: jnp.sum(jnp.where(
+            needed, (jax.nn.logsumexp(h @ w, -1) - jnp.take_along_axis(h @ w, y[..., None], -1)[..., 0])
+            * jnp.arange(12), 0.0)), argnums=(0, 1))(w, h)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+        # Only the chunks holding a needed position ran the LM head (at most 3 needed per row, so
+        # ceil(3 / chunk) chunks), once forward and once recomputed for the backward pass.
+        used_chunks = -(-3 // chunk)
+        assert len(calls) == 2 * used_chunks, (chunk, len(calls))
+    calls.clear()
+    nothing = jnp.zeros((3, 12), bool)
+    np.testing.assert_array_equal(loss_lib.chunked_token_ce(lambda x: logits_fn(x, w), h, y, 4, nothing), 0.0)
+    assert not calls
+
+
 GROUPS = [("^vision/", None), ("^projector/", 1e-2)]
 
 
