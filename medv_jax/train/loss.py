@@ -49,10 +49,13 @@ def chunked_token_ce(
     positions is needed in any row is skipped (``lax.cond``): the LM head then runs over
     ``ceil(max needed per row / chunk)`` chunks instead of all of them (prompts, image tokens and
     unmasked answer tokens cost nothing). The result is the same as without ``needed`` at the
-    needed positions, and 0 elsewhere.
+    needed positions, and 0 elsewhere (with a single chunk nothing is skipped or moved).
     """
     batch, length, _ = hidden.shape
     chunk = min(chunk, length)
+    used = needed
+    if chunk == length:  # one chunk: nothing to skip, so positions stay where they are
+        needed = None
     inverse = None
     if needed is not None:
         order = jnp.argsort(~needed, axis=1, stable=True)  # [B, T]: needed positions first
@@ -83,14 +86,14 @@ def chunked_token_ce(
 
         def maybe_chunk(xs):
             h_c, y_c, use_c = xs
-            ce_c = jax.lax.cond(
-                jnp.any(use_c), one_chunk, lambda h_c, y_c: jnp.zeros(y_c.shape, jnp.float32), h_c, y_c
-            )
-            return jnp.where(use_c, ce_c, 0.0)
+            skip = lambda h_c, y_c: jnp.zeros(y_c.shape, jnp.float32)  # noqa: E731
+            return jax.lax.cond(jnp.any(use_c), one_chunk, skip, h_c, y_c)
 
         ce = jax.lax.map(maybe_chunk, (h, y, use))
     ce = ce.swapaxes(0, 1).reshape(batch, -1)[:, :length]
-    return ce if inverse is None else jnp.take_along_axis(ce, inverse, axis=1)
+    if inverse is not None:
+        ce = jnp.take_along_axis(ce, inverse, axis=1)
+    return ce if used is None else jnp.where(used, ce, 0.0)
 
 
 def sequence_losses(token_ce: Array, masked: Array, p: Array, answer_mask: Array) -> Array:
