@@ -87,7 +87,7 @@ def attention(
 
     ``implementation``: "cudnn" / "xla" are passed to ``jax.nn.dot_product_attention`` (cuDNN flash
     attention on GPU; JAX's portable einsum form); "per_head" is ``attention_per_head``; None
-    picks "per_head" on CPU (1.3-1.9x faster there, forward and backward: benchmarks/RESULTS.md)
+    picks "per_head" on CPU (1.1-1.7x faster there, forward and backward: benchmarks/RESULTS.md)
     and lets JAX choose elsewhere.
     """
     check_choice(implementation, ATTENTION_IMPLEMENTATIONS, "attention_impl")
@@ -105,7 +105,7 @@ def attention_per_head(q: Array, k: Array, v: Array, key_mask: Array | None) -> 
 
     The same math and precisions as JAX's einsum form (logits and softmax in fp32, probabilities
     cast to the value dtype, masked keys at a large finite negative so a row with no valid key
-    attends uniformly; fp32 results agree to ~1e-6, not bit for bit), but XLA:CPU runs it 1.3-1.9x
+    attends uniformly; fp32 results agree to ~1e-6, not bit for bit), but XLA:CPU runs it 1.1-1.7x
     faster: the [batch, heads, q, kv] form makes it copy the
     probabilities between layouts, and normalising the [q, head_dim] output instead of the
     [q, kv] probabilities saves a pass over the largest tensor.
