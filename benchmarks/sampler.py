@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medv_jax.models import llada  # noqa: E402
+from medv_jax.models.layers import ATTENTION_CHOICES  # noqa: E402
 from medv_jax.sampling.diffusion import SamplerConfig, compile_generate_text  # noqa: E402
 
 PRESETS = {
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--block_length", type=int, default=128)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "per_head"])
+    p.add_argument("--attention_impl", default=None, choices=ATTENTION_CHOICES)
     args = p.parse_args()
 
     base = llada.LLADA_PRESETS["llada_tiny" if args.preset == "llada_tiny" else "llada_8b"]

@@ -313,6 +313,8 @@ def time_interleaved(steps: dict, n: int) -> dict[str, list[float]]:
 
 
 def main(argv=None) -> dict:
+    from medv_jax.models import layers
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="demo", choices=sorted(CONFIGS))
     ap.add_argument("--batch", type=int, default=None)
@@ -321,13 +323,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--remat", default=None, help="override the config's remat policy")
     ap.add_argument("--ce_chunk", type=int, default=None, help="override the cross-entropy chunk")
     ap.add_argument("--dtype", default=None, help="override the config's compute dtype")
-    ap.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "per_head"],
+    ap.add_argument("--attention_impl", default=None, choices=layers.ATTENTION_CHOICES,
                     help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)")
     ap.add_argument("--peak_flops", type=float, default=None)
     ap.add_argument("--torch", action="store_true", help="also time the eager PyTorch train step (fp32)")
     ap.add_argument("--torch_threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.ce_chunk is not None and args.ce_chunk <= 0:
+        ap.error(f"--ce_chunk must be positive, got {args.ce_chunk}")
 
     import jax
 

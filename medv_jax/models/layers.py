@@ -25,6 +25,7 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "per_head")
+ATTENTION_CHOICES = ATTENTION_IMPLEMENTATIONS[1:]  # the ones a command line names (None = the default)
 
 
 def to_dtype(name: str | Any) -> jnp.dtype:

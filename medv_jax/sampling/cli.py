@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Any, Sequence
 
+from medv_jax.models.layers import ATTENTION_CHOICES
 from medv_jax.models.llada import LLaDAConfig
 from medv_jax.models.medv import MedVConfig
 from medv_jax.sampling.diffusion import (
@@ -31,7 +32,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     g.add_argument(
-        "--attention_impl", default=None, choices=["xla", "cudnn", "per_head"],
+        "--attention_impl", default=None, choices=ATTENTION_CHOICES,
         help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)",
     )
     g.add_argument(

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Sequence
 
+from medv_jax.models.layers import ATTENTION_CHOICES
 from medv_jax.sampling import cli as sampling_cli
 from medv_jax.sampling.diffusion import SamplerConfig
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--question_suffix", default="", help="appended to every question")
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
-    g.add_argument("--attention_impl", default=None, choices=["xla", "cudnn", "per_head"])
+    g.add_argument("--attention_impl", default=None, choices=ATTENTION_CHOICES)
     # The page opens with these settings and compiles them at start-up.
     sampling_cli.add_sampler_args(parser)
     parser.set_defaults(**{name: None for name in SAMPLER_FIELDS})
