@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 1
     c.train.num_steps = 0  # > 0 overrides num_epochs
     c.train.ce_chunk = 1024
+    # How each row's masking time t is drawn: "uniform" (independent, as the reference) or
+    # "stratified" (evenly spread over the batch, same expectation, lower variance; loss.draw_times).
+    c.train.mask_times = "uniform"
     c.train.log_every = 1
     c.train.eval_every = 500
     c.train.checkpoint_every = 500

@@ -8,12 +8,22 @@ Input records are LLaVA JSON entries::
 
 Two formatters:
 
-* `format_conversation` (stage 2/3 SFT, LLaDA-V's `llava_llada` template). Each message is rendered
-  as `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` and tokenized as one
-  string, exactly as the reference tokenizes one chat-template message at a time; `<|startoftext|>`
-  is written before the first message only. Labels: assistant messages in full (header, content,
+* `format_conversation` (stage 2/3 SFT, LLaDA-V's `llava_llada` template), and `format_prompt`, the
+  same conversation as an inference prompt. Each message is
+  `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`; `<|startoftext|>` is written
+  before the first message only. Labels: assistant messages in full (header, content,
   `<|eot_id|>`); in system/user messages only the structural ids (BOS, header ids, eot) are
   labelled, the role word, the blank line, the text and the image are IGNORE_INDEX.
+
+Pieces, not strings. A message is tokenized as separate pieces: its header (BOS, role and the blank
+line), each stretch of content between image placeholders, and `<|eot_id|>`. So the ids of a
+header never depend on what follows it, and an inference prompt (the conversation so far, then the
+assistant header) is by construction a prefix of the training row of the same conversation, for
+any tokenizer. Tokenizing a whole message as one string breaks that wherever the tokenizer's merges
+look ahead: with GPT-2's pre-tokenizer `\\n\\n` is one token at the end of a prompt but two before
+the answer's first word, so a model trained on whole strings meets a context at inference it never
+saw in training. For tokenizers whose pre-tokenizer keeps a newline run in one piece whatever
+follows (Llama-3's), the pieces give exactly the ids of the tokenizer's chat template (tested).
 * `format_caption` (stage 1 projector pretraining, LLaDA-V's `llada_plain` template): image tokens,
   then the caption followed by "\\n"; no template, no BOS/EOS; the human prompt text is dropped; every
   caption token (and the final newline) is labelled, the image is not.
@@ -160,28 +170,34 @@ def _structural_ids(tokenizer: Any, specials: tok_lib.SpecialTokenIds) -> frozen
     return frozenset(ids)
 
 
-def _add_message(
+def _add_pieces(
     b: _Builder,
     tokenizer: Any,
-    text: str,
+    role: str,
+    content: str,
     *,
-    supervised: bool,
+    first: bool,
     structural: frozenset[int],
     num_image_tokens: int | None,
     image_fill_id: int,
 ) -> None:
-    """Tokenizes one rendered message (splitting at `<image>`) and appends it with its labels."""
-    chunks = text.split(IMAGE_PLACEHOLDER)
-    for i, chunk in enumerate(chunks):
+    """Appends one message as its pieces (header, content stretches around `<image>`, eot), each
+    tokenized on its own (see the module docstring), with its labels."""
+    supervised = role == "assistant"
+
+    def add_text(text: str) -> None:
+        ids = tok_lib.encode(tokenizer, text)
+        labels = ids if supervised else [t if t in structural else IGNORE_INDEX for t in ids]
+        b.text(ids, labels)
+
+    add_text(_header(role, first=first))
+    for i, chunk in enumerate(content.split(IMAGE_PLACEHOLDER)):
         if i > 0:
             assert num_image_tokens is not None
             b.image_slots(num_image_tokens, image_fill_id)
-        ids = tok_lib.encode(tokenizer, chunk)
-        if supervised:
-            labels = ids
-        else:
-            labels = [t if t in structural else IGNORE_INDEX for t in ids]
-        b.text(ids, labels)
+        if chunk:
+            add_text(chunk)
+    add_text(tok_lib.EOT_TOKEN)
 
 
 def _check_placeholders(sid: str, messages: Sequence[tuple[str, str]], num_image_tokens: int | None) -> None:
@@ -196,14 +212,26 @@ def _check_placeholders(sid: str, messages: Sequence[tuple[str, str]], num_image
         raise ValueError(f"sample {sid}: expected one {IMAGE_PLACEHOLDER} placeholder for its image, found {count}")
 
 
-def _header(role: str) -> str:
-    return f"{tok_lib.START_HEADER_TOKEN}{role}{tok_lib.END_HEADER_TOKEN}\n\n"
-
-
-def render_message(role: str, content: str, *, first: bool) -> str:
-    """One message in the LLaDA chat template (BOS only when it is the first message)."""
+def _header(role: str, *, first: bool = False) -> str:
+    """A message's header piece: BOS (first message only), role, blank line."""
     bos = tok_lib.BOS_TOKEN if first else ""
-    return f"{bos}{_header(role)}{content}{tok_lib.EOT_TOKEN}"
+    return f"{bos}{tok_lib.START_HEADER_TOKEN}{role}{tok_lib.END_HEADER_TOKEN}\n\n"
+
+
+def message_pieces(role: str, content: str, *, first: bool) -> tuple[str, ...]:
+    """One message in the LLaDA chat template as the pieces it is tokenized in (header, content,
+    eot); `"".join` of them is the template's text. Content with `<image>` is split further there."""
+    return (_header(role, first=first),) + ((content,) if content else ()) + (tok_lib.EOT_TOKEN,)
+
+
+def encode_text_message(tokenizer: Any, role: str, content: str, *, first: bool) -> list[int]:
+    """Token ids of one text-only message, exactly as the conversation builders write them."""
+    return [t for piece in message_pieces(role, content, first=first) for t in tok_lib.encode(tokenizer, piece)]
+
+
+def generation_header_ids(tokenizer: Any) -> list[int]:
+    """Ids of the assistant header that ends every inference prompt."""
+    return tok_lib.encode(tokenizer, _header("assistant"))
 
 
 def format_conversation(
@@ -249,20 +277,61 @@ def format_conversation(
 
     b = _Builder()
     for i, (role, content) in enumerate(messages):
-        _add_message(
-            b,
-            tokenizer,
-            render_message(role, content, first=i == 0),
-            supervised=role == "assistant",
-            structural=structural,
-            num_image_tokens=num_image_tokens,
-            image_fill_id=fill,
-        )
+        _add_pieces(b, tokenizer, role, content, first=i == 0, structural=structural,
+                    num_image_tokens=num_image_tokens, image_fill_id=fill)
     if add_generation_prompt:
-        ids = tok_lib.encode(tokenizer, _header("assistant"))
+        ids = generation_header_ids(tokenizer)
         b.text(ids, [IGNORE_INDEX] * len(ids))
     sample = b.build(sid)
     return sample if max_length is None else truncate_sample(sample, max_length)
+
+
+def chat_record(
+    questions: Sequence[str], answers: Sequence[str] = (), *, has_image: bool, sample_id: str = "prompt"
+) -> dict[str, Any]:
+    """A LLaVA record of a chat waiting for its next answer: question i then answer i, the last
+    question unanswered (so `len(questions) == len(answers) + 1`). The image placeholder goes to the
+    start of the first question; one written anywhere in a question is removed first, as
+    LLaVA-Med's evaluation does."""
+    if len(questions) != len(answers) + 1:
+        raise ValueError(f"a chat waiting for an answer has one question more than answers, got "
+                         f"{len(questions)} questions and {len(answers)} answers")
+    conversations = []
+    for i, question in enumerate(questions):
+        text = question.replace(IMAGE_PLACEHOLDER, "").strip()
+        if i == 0 and has_image:
+            text = IMAGE_PLACEHOLDER + "\n" + text
+        conversations.append({"from": "human", "value": text})
+        if i < len(answers):
+            conversations.append({"from": "gpt", "value": answers[i]})
+    return {"id": sample_id, "conversations": conversations}
+
+
+def split_final_answer(record: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the record without a final assistant turn, that turn's text or "")."""
+    msgs = list(record.get("conversations") or [])
+    answer = ""
+    if msgs and _ROLES.get(msgs[-1].get("from", msgs[-1].get("role"))) == "assistant":
+        answer = msgs[-1].get("value", msgs[-1].get("content", ""))
+        msgs = msgs[:-1]
+    return {**record, "conversations": msgs}, answer
+
+
+def format_prompt(
+    record: Mapping[str, Any],
+    tokenizer: Any,
+    *,
+    num_image_tokens: int | None = None,
+    system_prompt: str | None = MEDICAL_SYSTEM_PROMPT,
+    image_fill_id: int | None = None,
+) -> TokenizedSample:
+    """The inference prompt of a conversation: its messages up to the last user turn (a final
+    assistant turn, the reference answer, is dropped), then the assistant header. Its ids are a
+    prefix of `format_conversation` of the same record with the answer (tested)."""
+    prompt_record, _ = split_final_answer(record)
+    return format_conversation(prompt_record, tokenizer, num_image_tokens=num_image_tokens,
+                               system_prompt=system_prompt, add_generation_prompt=True,
+                               image_fill_id=image_fill_id)
 
 
 def format_caption(

@@ -182,9 +182,12 @@ def _format_uncached(record: Mapping[str, Any], tokenizer: Any, config: BatchCon
         if num_image_tokens is None:
             raise ValueError(f"sample {conv.sample_id_of(record)}: a caption record needs an image")
         return conv.format_caption(record, tokenizer, num_image_tokens=num_image_tokens, max_length=max_length)
+    if prompt:
+        return conv.format_prompt(record, tokenizer, num_image_tokens=num_image_tokens,
+                                  system_prompt=config.system_prompt)
     return conv.format_conversation(
         record, tokenizer, num_image_tokens=num_image_tokens, system_prompt=config.system_prompt,
-        max_length=max_length, add_generation_prompt=prompt,
+        max_length=max_length,
     )
 
 
@@ -261,19 +264,12 @@ def encode_example(record: Mapping[str, Any], tokenizer: Any, config: BatchConfi
     }
 
 
-def _split_for_prompt(record: Mapping[str, Any]) -> tuple[dict[str, Any], str, str]:
-    """(record without its final assistant turn, that turn's text, the last user question)."""
-    msgs = list(record.get("conversations") or [])
-    answer = ""
-    if msgs and msgs[-1].get("from", msgs[-1].get("role")) in ("gpt", "assistant"):
-        answer = msgs[-1].get("value", msgs[-1].get("content", ""))
-        msgs = msgs[:-1]
-    question = ""
-    for m in reversed(msgs):
+def _last_question(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of the last user message, without the image placeholder."""
+    for m in reversed(messages):
         if m.get("from", m.get("role")) in ("human", "user"):
-            question = m.get("value", m.get("content", "")).replace(conv.IMAGE_PLACEHOLDER, "").strip()
-            break
-    return {**record, "conversations": msgs}, answer, question
+            return m.get("value", m.get("content", "")).replace(conv.IMAGE_PLACEHOLDER, "").strip()
+    return ""
 
 
 def encode_prompt(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig) -> dict[str, np.ndarray]:
@@ -285,7 +281,8 @@ def encode_prompt(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig
     specials = tok_lib.special_token_ids(tokenizer)
     image = _load_image(record, config)
     n_img = None if image.layout is None else image.layout.num_tokens
-    prompt_record, answer, question = _split_for_prompt(record)
+    prompt_record, answer = conv.split_final_answer(record)
+    question = _last_question(prompt_record["conversations"])
     sample = _format(prompt_record, tokenizer, config, n_img, None, prompt=True)
     p, n = config.prompt_length, len(sample)
     if n > p:

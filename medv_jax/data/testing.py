@@ -108,6 +108,28 @@ _CHAT_TEMPLATE = (
 )
 
 
+# Llama-3's pre-tokenizer pattern (the published tiktoken-style split): contractions, letters with
+# one leading non-letter, up to three digits, punctuation runs, newline runs, other whitespace.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pretokenizer(kind: str):
+    from tokenizers import Regex, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    if kind == "gpt2":
+        return ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "llama3":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+            ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise ValueError(f"pretokenizer must be 'gpt2' or 'llama3', got {kind!r}")
+
+
 def build_test_tokenizer(
     out_dir: str | os.PathLike[str],
     words: Sequence[str] | None = None,
@@ -115,6 +137,7 @@ def build_test_tokenizer(
     extra_words: Sequence[str] = (),
     fill_vocab: bool = False,
     special_ids_base: int | None = None,
+    pretokenizer: str = "gpt2",
 ) -> str:
     """Writes a small LLaDA-compatible tokenizer folder into `out_dir` and returns its path.
 
@@ -130,6 +153,9 @@ def build_test_tokenizer(
         no reserved ones) at consecutive ids from max(special_ids_base, number of byte/word
         entries), so `0` places them right after the words and the whole vocabulary is a few
         hundred ids. Code reading ids with `tokenizer.special_token_ids` works unchanged.
+      pretokenizer: how text is cut before lookup: "gpt2" (byte-level with GPT-2's regex, where
+        a newline run before a word splits off its last newline: "\\n\\nno" -> "\\n", "\\n", "no")
+        or "llama3" (Llama-3's regex, which keeps a newline run in one piece whatever follows).
 
     Byte symbols take ids 0..255, word forms follow in a fixed order, special tokens sit at their
     real ids; the same arguments always give the same files.
@@ -158,7 +184,7 @@ def build_test_tokenizer(
         vocab[s] = i
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = _pretokenizer(pretokenizer)
     tok.decoder = decoders.ByteLevel()
     # Already in the model vocabulary, so they keep their ids; registering them as special makes
     # the tokenizer split text at them and skip them when decoding with skip_special_tokens.

@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ImageReadError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    row = mm.encode_prompt(tokenizer, question, image, system)
+    row = mm.question_prompt(tokenizer, question, image, system)
     lm = config.lm if is_medv else config
     if is_medv:
         batch = mm.collate_prompts([row], pad_id=lm.eos_token_id, crop_size=config.vision.image_size)

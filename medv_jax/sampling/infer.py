@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if row.get("image"):
             path = os.path.join(os.path.expanduser(args.image_folder), row["image"])
             image = image_lib.preprocess_image(path, image_config)
-        prompt = mm.encode_prompt(tokenizer, question + args.question_suffix, image, system, str(row["question_id"]))
+        prompt = mm.question_prompt(tokenizer, question + args.question_suffix, image, system, str(row["question_id"]))
         if len(prompt.tokens) > (args.prompt_length or max_prompt):
             raise ValueError(
                 f"prompt of {len(prompt.tokens)} tokens exceeds "

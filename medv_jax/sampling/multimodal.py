@@ -1,8 +1,8 @@
 """LLaDA-MedV prompts (question + image) -> fixed-shape batches -> one compiled program that
 encodes the images, splices them into the prompt embeddings and runs the sampler.
 
-Host side (numpy): ``encode_prompt`` formats one question in the LLaDA chat template (SPEC 3,
-``medv_jax.data.conversation``) with the image's token layout (``medv_jax.data.image_layout``);
+Host side (numpy): ``prompt_row`` / ``question_prompt`` format a conversation or one question in
+the LLaDA chat template (SPEC 3, ``medv_jax.data.conversation``) with the image's token layout (``medv_jax.data.image_layout``);
 ``collate_prompts`` left-pads rows into a ``PromptBatch`` (filler rows where asked, for fixed-shape
 batches). Device side: ``sample_medv`` (jitted; the MedV parameter tree, LM under ``params['lm']``).
 
@@ -95,28 +95,35 @@ class PromptRow(NamedTuple):
         return 0 if self.image is None else int(self.image.pixels.shape[0])
 
 
-def encode_prompt(
+def prompt_row(
+    tokenizer: Any,
+    record: dict[str, Any],
+    image: PreprocessedImage | None,
+    system_prompt: str | None = conv.MEDICAL_SYSTEM_PROMPT,
+) -> PromptRow:
+    """The inference prompt of a conversation record (e.g. ``conv.chat_record``) with its
+    preprocessed image: ``conv.format_prompt``, the one prompt builder training shares, so the prompt
+    is a prefix of the training row of the same conversation."""
+    sample = conv.format_prompt(
+        record,
+        tokenizer,
+        num_image_tokens=None if image is None else image.layout.num_tokens,
+        system_prompt=system_prompt,
+    )
+    return PromptRow(sample.input_ids, sample.image_mask, image)
+
+
+def question_prompt(
     tokenizer: Any,
     question: str,
     image: PreprocessedImage | None,
     system_prompt: str | None = conv.MEDICAL_SYSTEM_PROMPT,
     sample_id: str = "prompt",
 ) -> PromptRow:
-    """SPEC 3 prompt for one question: system turn, user turn ``<image>\\n{question}`` (the image
-    placeholder, if written anywhere in ``question``, is removed first, as LLaVA-Med does), then the
-    assistant header the answer follows."""
-    text = question.replace(conv.IMAGE_PLACEHOLDER, "").strip()
-    if image is not None:
-        text = conv.IMAGE_PLACEHOLDER + "\n" + text
-    record = {"id": sample_id, "conversations": [{"from": "human", "value": text}]}
-    sample = conv.format_conversation(
-        record,
-        tokenizer,
-        num_image_tokens=None if image is None else image.layout.num_tokens,
-        system_prompt=system_prompt,
-        add_generation_prompt=True,
-    )
-    return PromptRow(sample.input_ids, sample.image_mask, image)
+    """``prompt_row`` of a one-question chat: system turn, user turn ``<image>\\n{question}``, then
+    the assistant header the answer follows."""
+    record = conv.chat_record([question], has_image=image is not None, sample_id=sample_id)
+    return prompt_row(tokenizer, record, image, system_prompt)
 
 
 @dataclasses.dataclass(frozen=True)

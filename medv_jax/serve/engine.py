@@ -286,23 +286,10 @@ def build_prompt(
     question = (question or "").strip()
     if not question:
         raise UserError("type a question first")
-    turns = [q for q, _ in history] + [question]
-    conversations = []
-    for i, q in enumerate(turns):
-        text = q.replace(conv.IMAGE_PLACEHOLDER, "").strip() + model.question_suffix
-        if i == 0 and image is not None:
-            text = conv.IMAGE_PLACEHOLDER + "\n" + text
-        conversations.append({"from": "human", "value": text})
-        if i < len(history):
-            conversations.append({"from": "gpt", "value": history[i][1]})
-    sample = conv.format_conversation(
-        {"id": "chat", "conversations": conversations},
-        model.tokenizer,
-        num_image_tokens=None if image is None else image.layout.num_tokens,
-        system_prompt=model.system_prompt,
-        add_generation_prompt=True,
-    )
-    return mm.PromptRow(sample.input_ids, sample.image_mask, image)
+    questions = [q.replace(conv.IMAGE_PLACEHOLDER, "").strip() + model.question_suffix
+                 for q in [q for q, _ in history] + [question]]
+    record = conv.chat_record(questions, [a for _, a in history], has_image=image is not None, sample_id="chat")
+    return mm.prompt_row(model.tokenizer, record, image, model.system_prompt)
 
 
 def prompt_length_for(model: Model, n_tokens: int, gen_length: int, bucket: int) -> int:

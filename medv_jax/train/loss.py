@@ -24,11 +24,29 @@ IGNORE_INDEX = -100
 MASK_EPS = 1e-3
 
 
-def draw_masks(rng: Array, answer_mask: Array, eps: float = MASK_EPS) -> tuple[Array, Array]:
-    """(masked [B, T] bool, p [B]) for one batch: one t per sequence, masks only answer positions."""
+MASK_TIMES = ("uniform", "stratified")
+
+
+def draw_times(rng: Array, batch: int, kind: str = "uniform") -> Array:
+    """t [B] in [0, 1): "uniform" draws each independently (the reference); "stratified" draws one
+    u and spreads the batch evenly, t_i = (u + i / B) mod 1, a low-discrepancy draw (as in MDLM):
+    each t_i is still U(0, 1), so the loss's expectation is unchanged, but every batch covers the
+    whole range of masking ratios, which lowers the variance of the 1/p-weighted loss."""
+    if kind == "uniform":
+        return jax.random.uniform(rng, (batch,))
+    if kind == "stratified":
+        u = jax.random.uniform(rng, ())
+        return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+    raise ValueError(f"mask time sampling must be one of {MASK_TIMES}, got {kind!r}")
+
+
+def draw_masks(rng: Array, answer_mask: Array, eps: float = MASK_EPS,
+               times: str = "uniform") -> tuple[Array, Array]:
+    """(masked [B, T] bool, p [B]) for one batch: one t per sequence (drawn as `draw_times` says),
+    masks only answer positions."""
     rng_t, rng_m = jax.random.split(rng)
     batch = answer_mask.shape[0]
-    t = jax.random.uniform(rng_t, (batch,))
+    t = draw_times(rng_t, batch, times)
     p = (1.0 - eps) * t + eps
     masked = (jax.random.uniform(rng_m, answer_mask.shape) < p[:, None]) & answer_mask
     return masked, p

@@ -37,6 +37,7 @@ class TrainState:
 class StepConfig:
     micro_batches: int = 1  # gradient accumulation: the global batch is split into this many
     ce_chunk: int = 512  # sequence chunk of the cross-entropy
+    mask_times: str = "uniform"  # how each row's masking time t is drawn (loss.draw_times)
 
 
 def create_state(params: Any, tx: optax.GradientTransformation, groups, rng: Array) -> TrainState:
@@ -101,7 +102,8 @@ def make_train_step(model: MedV, tx: optax.GradientTransformation, config: StepC
     def step(state: TrainState, batch: dict[str, Array]):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         # Mask draws for the whole global batch first, so accumulation equals the large batch.
-        masked, p = loss_lib.draw_masks(step_rng, batch["labels"] != loss_lib.IGNORE_INDEX)
+        masked, p = loss_lib.draw_masks(step_rng, batch["labels"] != loss_lib.IGNORE_INDEX,
+                                        times=config.mask_times)
         k = config.micro_batches
         if k == 1:
             (_, metrics), grads = grad_fn(state.params, state.frozen, batch, masked, p)

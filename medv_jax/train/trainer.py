@@ -296,7 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     first = next(it)
     example = {k: v for k, v in first.items() if k != "example_id"}
     train_step = step_lib.jit_train_step(step_lib.make_train_step(
-        model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk)), shardings, mesh, example)
+        model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))), shardings, mesh, example)
     eval_loss = make_eval_loss(model, mesh, shardings, example)
     eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []
 

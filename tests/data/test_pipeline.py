@@ -251,12 +251,12 @@ def test_record_list_repr_is_stable(source):
 
 
 def _mixed_records(source, n=48):
-    """Synthetic VQA records whose questions get 0..58 extra words: lengths ~83..150."""
+    """Synthetic VQA records whose questions get 2..60 extra words: lengths ~84..146."""
     out = []
     for i in range(n):
         rec = dict(source[i % len(source)])
         q = rec["conversations"][0]["value"]
-        extra = " ".join(["lesion"] * ((i * 7) % 30 * 2))
+        extra = " ".join(["lesion"] * ((i * 7) % 30 * 2 + 2))
         rec["conversations"] = [{"from": "human", "value": f"{q} {extra}".strip()}, rec["conversations"][1]]
         rec["id"] = f"mix-{i}"
         out.append(rec)

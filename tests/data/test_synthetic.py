@@ -224,8 +224,6 @@ def test_compact_tokenizer_round_trip(compact):
         r["conversations"][1]["value"])
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (benchmarks/RESULTS.md, Training demo): the demo "
-                   "tokenizer splits the header's \\n\\n into two tokens before text, one at a prompt's end")
 def test_generation_prompt_is_a_prefix_of_the_training_row(compact):
     # What the model sees before its answer at inference must be what it saw before the answer in
     # training; otherwise it learns one context and is asked to continue another.

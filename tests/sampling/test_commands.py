@@ -83,7 +83,7 @@ def test_generate_plain_matches_the_sampler(files, capsys):
     from medv_jax.data.image import preprocess_image
 
     image = preprocess_image(files["images"] / "a.png", multimodal.image_config_for(config))
-    row = multimodal.encode_prompt(tokenizer, "What organ is shown?", image)
+    row = multimodal.question_prompt(tokenizer, "What organ is shown?", image)
     batch = multimodal.collate_prompts([row], pad_id=config.lm.eos_token_id, crop_size=56)
     out = multimodal.sample_medv(config, params, batch, jax.random.key(0), SamplerConfig(8, 4, 4))
     want = tokenizer.decode(np.asarray(out.tokens[0, : int(out.answer_length[0])]), skip_special_tokens=True)

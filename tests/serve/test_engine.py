@@ -29,7 +29,7 @@ def image(engine, tiny):
 def test_first_turn_prompt_is_the_generate_commands(engine, image):
     m = engine.model
     row = eng.build_prompt(m, [], "  <image> Is there a fracture? ", image)
-    want = mm.encode_prompt(m.tokenizer, "Is there a fracture?", image, m.system_prompt)
+    want = mm.question_prompt(m.tokenizer, "Is there a fracture?", image, m.system_prompt)
     np.testing.assert_array_equal(row.tokens, want.tokens)
     np.testing.assert_array_equal(row.image_mask, want.image_mask)
     assert row.image_mask.sum() == image.layout.num_tokens
@@ -41,11 +41,11 @@ def test_follow_up_prompt_extends_the_first(engine, image):
     m, tok = engine.model, engine.model.tokenizer
     first = eng.build_prompt(m, [], "Is there a fracture?", image)
     second = eng.build_prompt(m, [("Is there a fracture?", "no")], "Which side?", image)
-    header = tok_lib.encode(tok, conv.render_message("assistant", "", first=False).removesuffix(tok_lib.EOT_TOKEN))
+    header = conv.generation_header_ids(tok)
     assert list(first.tokens[-len(header):]) == header
     want = list(first.tokens[: -len(header)])
-    want += tok_lib.encode(tok, conv.render_message("assistant", "no", first=False))
-    want += tok_lib.encode(tok, conv.render_message("user", "Which side?", first=False)) + header
+    want += conv.encode_text_message(tok, "assistant", "no", first=False)
+    want += conv.encode_text_message(tok, "user", "Which side?", first=False) + header
     np.testing.assert_array_equal(second.tokens, want)
     assert second.image_mask.sum() == first.image_mask.sum()  # the image stays in turn 1 only
 

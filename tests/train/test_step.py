@@ -67,6 +67,29 @@ def test_loss_equals_numpy_formula():
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
 
 
+def test_stratified_times_cover_the_range_and_stay_uniform():
+    """One t per row, spread evenly over [0, 1) (gaps of exactly 1/B), each marginally U(0, 1)."""
+    batch = 8
+    t = np.asarray(loss_lib.draw_times(jax.random.key(3), batch, "stratified"))
+    gaps = np.diff(np.sort(t))
+    np.testing.assert_allclose(gaps, 1.0 / batch, atol=1e-6)
+    assert ((t >= 0) & (t < 1)).all()
+    # the marginal of a row over many draws is uniform: its deciles are filled evenly
+    draws = jax.vmap(lambda k: loss_lib.draw_times(k, batch, "stratified")[3])(
+        jax.random.split(jax.random.key(4), 4000))
+    counts = np.histogram(np.asarray(draws), bins=10, range=(0, 1))[0]
+    assert counts.min() > 330 and counts.max() < 470, counts
+    # independent draws do not spread evenly
+    u = np.asarray(loss_lib.draw_times(jax.random.key(3), batch, "uniform"))
+    assert np.abs(np.diff(np.sort(u)) - 1.0 / batch).max() > 1e-3
+    masked, p = loss_lib.draw_masks(jax.random.key(5), jnp.ones((batch, 6), bool), times="stratified")
+    np.testing.assert_allclose(np.sort(np.asarray(p)), np.sort((1 - loss_lib.MASK_EPS) * np.asarray(
+        loss_lib.draw_times(jax.random.split(jax.random.key(5))[0], batch, "stratified")) + loss_lib.MASK_EPS),
+        rtol=1e-6)
+    with pytest.raises(ValueError, match="stratified"):
+        loss_lib.draw_times(jax.random.key(0), batch, "sobol")
+
+
 def test_chunked_ce_matches_unchunked_with_gradients():
     h = jax.random.normal(jax.random.key(0), (2, 10, 8))
     w = jax.random.normal(jax.random.key(1), (8, 33))
