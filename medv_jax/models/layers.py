@@ -43,6 +43,11 @@ def param_init(init: Callable, names: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
+def normal_init(std: float, names: tuple[str | None, ...]) -> Callable:
+    """N(0, std^2), tagged with logical axis names (the models' weight and embedding init)."""
+    return param_init(nn.initializers.normal(stddev=std), names)
+
+
 class FlatDense(nn.Module):
     """A dense layer contracting the last ``in_axes`` axes of ``x`` into ``features`` (an int or a
     tuple: the kernel is ``x.shape[-in_axes:] + features``), computed as one 2-D matmul.

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from medv_jax.models import layers
 from medv_jax.models.layers import Array
 
-_INIT = nn.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +55,10 @@ class LLaDAConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None  # None | "xla" | "cudnn" | "per_head" (layers.attention)
     remat_policy: str = "none"
+    # Std of the normal init of every weight matrix and embedding (only for training from scratch;
+    # converted checkpoints replace it). 0.02 is the released models'; a small model trained from
+    # scratch learns faster with a larger one (configs/demo.py).
+    init_std: float = 0.02
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -140,7 +143,7 @@ class Attention(nn.Module):
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=layers.param_init(_INIT, ("embed", axis_name, "head_dim")),
+                kernel_init=layers.normal_init(cfg.init_std, ("embed", axis_name, "head_dim")),
                 name=name,
             )(x)
 
@@ -161,7 +164,7 @@ class Attention(nn.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=layers.param_init(_INIT, ("heads", "head_dim", "embed")),
+            kernel_init=layers.normal_init(cfg.init_std, ("heads", "head_dim", "embed")),
             name="o_proj",
         )(out)
         return out, (None if kv is None else (k, v))
@@ -183,7 +186,7 @@ class GatedMLP(nn.Module):
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=layers.param_init(_INIT, names),
+                kernel_init=layers.normal_init(cfg.init_std, names),
                 name=name,
             )
 
@@ -249,7 +252,7 @@ class LLaDA(nn.Module):
             cfg.hidden_size,
             dtype=dtype,
             param_dtype=param_dtype,
-            embedding_init=layers.param_init(_INIT, ("embed_vocab", "embed")),
+            embedding_init=layers.normal_init(cfg.init_std, ("embed_vocab", "embed")),
         )
         # kv (the per-layer cache) is sliced on its leading layer axis; the rest is broadcast.
         self.layers = layers.scan_layers(
@@ -265,7 +268,7 @@ class LLaDA(nn.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=layers.param_init(_INIT, ("embed", "vocab")),
+            kernel_init=layers.normal_init(cfg.init_std, ("embed", "vocab")),
         )
 
     def embed(self, tokens: Array) -> Array:

@@ -104,7 +104,7 @@ class MedV(nn.Module):
     def setup(self):
         cfg = self.config
         self.vision = siglip.SiglipVisionTower(cfg.vision)
-        self.projector = Projector(cfg.lm.hidden_size, cfg.lm.dtype, cfg.lm.param_dtype)
+        self.projector = Projector(cfg.lm.hidden_size, cfg.lm.dtype, cfg.lm.param_dtype, cfg.lm.init_std)
         self.lm = llada.LLaDA(cfg.lm)
         if cfg.use_image_newline:
             self.image_newline = self.param(

@@ -11,8 +11,6 @@ import flax.linen as nn
 from medv_jax.models import layers
 from medv_jax.models.layers import Array
 
-_INIT = nn.initializers.normal(stddev=0.02)
-
 
 class Projector(nn.Module):
     """vision features ``[..., Dv]`` -> language-model embeddings ``[..., D]``."""
@@ -20,6 +18,7 @@ class Projector(nn.Module):
     out_features: int
     dtype: Any = "float32"
     param_dtype: Any = "float32"
+    init_std: float = 0.02  # normal init of both kernels (the MedV model passes the LM's)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -28,7 +27,7 @@ class Projector(nn.Module):
                 self.out_features,
                 dtype=layers.to_dtype(self.dtype),
                 param_dtype=layers.to_dtype(self.param_dtype),
-                kernel_init=layers.param_init(_INIT, names),
+                kernel_init=layers.normal_init(self.init_std, names),
                 bias_init=layers.param_init(nn.initializers.zeros, names[1:]),
                 name=name,
             )

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from medv_jax.models import layers
 from medv_jax.models.layers import Array
 
-_INIT = nn.initializers.normal(stddev=0.02)
 _ZEROS = nn.initializers.zeros
 
 
@@ -48,6 +47,10 @@ class SiglipConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None
     remat_policy: str = "none"
+    # Std of the normal init of every weight matrix and embedding (only for training from scratch;
+    # converted checkpoints replace it). 0.02 is the released models'; a small model trained from
+    # scratch learns faster with a larger one (configs/demo.py).
+    init_std: float = 0.02
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -103,7 +106,7 @@ class Attention(nn.Module):
                 features=(cfg.num_heads, cfg.head_dim),
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=layers.param_init(_INIT, ("vit_embed", "vit_heads", "head_dim")),
+                kernel_init=layers.normal_init(cfg.init_std, ("vit_embed", "vit_heads", "head_dim")),
                 bias_init=layers.param_init(_ZEROS, ("vit_heads", "head_dim")),
                 name=name,
             )(x)
@@ -114,7 +117,7 @@ class Attention(nn.Module):
             in_axes=2,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=layers.param_init(_INIT, ("vit_heads", "head_dim", "vit_embed")),
+            kernel_init=layers.normal_init(cfg.init_std, ("vit_heads", "head_dim", "vit_embed")),
             bias_init=layers.param_init(_ZEROS, ("vit_embed",)),
             name="o_proj",
         )(out)
@@ -133,7 +136,7 @@ class MLP(nn.Module):
                 features,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=layers.param_init(_INIT, names),
+                kernel_init=layers.normal_init(cfg.init_std, names),
                 bias_init=layers.param_init(_ZEROS, names[1:]),
                 name=name,
             )
@@ -169,7 +172,7 @@ class SiglipVisionTower(nn.Module):
             padding="VALID",
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=layers.param_init(_INIT, (None, None, None, "vit_embed")),
+            kernel_init=layers.normal_init(cfg.init_std, (None, None, None, "vit_embed")),
             bias_init=layers.param_init(_ZEROS, ("vit_embed",)),
             name="patch_embed",
         )(pixels.astype(dtype))
@@ -177,7 +180,7 @@ class SiglipVisionTower(nn.Module):
         x = x.reshape(batch, -1, cfg.hidden_size)  # row-major over the patch grid, like torch
         pos = self.param(
             "pos_embed",
-            layers.param_init(_INIT, ("vit_patches", "vit_embed")),
+            layers.normal_init(cfg.init_std, ("vit_patches", "vit_embed")),
             (cfg.num_patches, cfg.hidden_size),
             param_dtype,
         )

@@ -120,16 +120,19 @@ def test_non_finite_loss_stops_with_step_and_ids(tmp_path):
     assert "non-finite loss" in result.stderr and "batch example ids: ['synth-train-" in result.stderr
 
 
-# The shortened demo: the demo's own model, optimiser and data, on the two most visible question
-# families (open modality and region questions; chance ~1/3), for a few hundred steps of half the
-# demo's batch (CI time). Learning well above chance needs the image: each question is answered
-# from the scan alone.
+# The shortened demo: the demo's own model, initialisation, optimiser and data, on the two most
+# visible question families (open modality and region questions; chance ~1/3), for a few hundred
+# steps of half the demo's batch (CI time), with two seeds: a recipe that only one seed carries is
+# not a recipe. Learning well above chance needs the image: each question is answered from the
+# scan alone.
 SHORT_DEMO_STEPS = 300
 
 
-def test_shortened_demo_learns_well_above_chance(tmp_path):
+@pytest.mark.parametrize("seed", [1, 2])
+def test_shortened_demo_learns_well_above_chance(tmp_path, seed):
     result = subprocess.run(
         [sys.executable, "-m", "medv_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}",
+         f"--config.seed={seed}", f"--config.data.seed={seed}",
          f"--config.train.num_steps={SHORT_DEMO_STEPS}", "--config.train.global_batch=32",
          "--config.train.checkpoint_every=100000",
          "--config.train.eval_every=0", "--config.data.closed_fraction=0.0",
@@ -139,4 +142,4 @@ def test_shortened_demo_learns_well_above_chance(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     vqa = json.loads((tmp_path / "summary.json").read_text())["vqa"]
     assert vqa["n_open"] == 100 and vqa["n_closed"] == 0
-    assert vqa["open_recall"] >= 0.75, vqa  # chance: 1/3
+    assert vqa["open_recall"] >= 75.0, vqa  # percent; chance: 33.3
