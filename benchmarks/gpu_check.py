@@ -117,7 +117,7 @@ def sampler(out: Path) -> None:
                                                        end_header_id=497, eot_token_id=498, **numerics)
         vision = siglip.SIGLIP_PRESETS["siglip_tiny"].replace(**numerics)
         prompt_len, schedule = 48, dict(gen_length=16, block_length=8, steps=16)
-    else:  # LLaDA-8B + SigLIP2 so400m (SPEC 1, 2): 729 image tokens in a ~1k-token prompt
+    else:  # LLaDA-8B + SigLIP2 so400m (docs/algorithm.md §1, §2): 729 image tokens in a ~1k-token prompt
         lm = llada.LLADA_PRESETS["llada_8b"].replace(**numerics)
         vision = siglip.SIGLIP_PRESETS["siglip2_so400m_patch14_384"].replace(**numerics)
         prompt_len, schedule = 1000, dict(gen_length=256, block_length=64, steps=256)
@@ -130,7 +130,7 @@ def sampler(out: Path) -> None:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     emit(out, {"part": "init", "params": n_params, "dtype": dtype, "seconds": time.perf_counter() - t0})
 
-    # SPEC 3 layout with random text: BOS, user header, image slots, question, eot, assistant header.
+    # docs/algorithm.md §3 layout with random text: BOS, user header, image slots, question, eot, assistant header.
     s = vision.image_size
     layout = image_layout.image_token_layout((s, s), image_config_for(config))
     n_img = layout.num_tokens

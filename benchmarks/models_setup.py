@@ -57,7 +57,7 @@ SHAPES: dict[str, Shape] = {
                       mlp_hidden_size=1408, vision_image_size=384, vision_patch_size=14,
                       vision_hidden_size=384, vision_layers=5, vision_heads=6, vision_mlp=1536,
                       ids=_ids_below(32768, 32006)),
-    # LLaDA-8B + SigLIP2 so400m (SPEC 1 and 2); for GPU runs (bf16).
+    # LLaDA-8B + SigLIP2 so400m (docs/algorithm.md §1 and §2); for GPU runs (bf16).
     "llada_8b": Shape(vocab_size=126464, hidden_size=4096, num_layers=32, num_heads=32, head_dim=128,
                       mlp_hidden_size=12288, vision_image_size=384, vision_patch_size=14,
                       vision_hidden_size=1152, vision_layers=27, vision_heads=16, vision_mlp=4304,
@@ -161,7 +161,7 @@ class Prompt:
 
 
 def make_prompts(shape: Shape, n: int, prompt_len: int, seed: int = 0) -> list[Prompt]:
-    """``n`` prompts of exactly ``prompt_len`` tokens in the SPEC 3 layout (random text):
+    """``n`` prompts of exactly ``prompt_len`` tokens in the docs/algorithm.md §3 layout (random text):
     BOS, user header, the image's slots, question text, eot, assistant header."""
     ids = shape.ids
     n_img = shape.image_tokens

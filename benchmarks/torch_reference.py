@@ -6,7 +6,7 @@ stock ``transformers`` modules (``LlamaForCausalLM`` with an all-zeros 4-D atten
 makes its attention bidirectional as in LLaDA; ``SiglipVisionModel`` minus its last layer, read
 before the post-LayerNorm; the ``mlp2x_gelu`` projector as ``nn.Sequential``), batch 1, one Python
 loop iteration per diffusion step, each step a full forward over prompt + canvas under
-``torch.no_grad()``, greedy low-confidence remasking (SPEC section 5).
+``torch.no_grad()``, greedy low-confidence remasking (docs/algorithm.md §5).
 
 Choices, stated:
 
@@ -18,7 +18,7 @@ Choices, stated:
 * Logits: by default the LM head runs over the whole canvas each step, as the reference's
   ``model(inputs_embeds=x).logits`` does; ``logits="block"`` runs it on the current block only
   (what the JAX sampler does) to separate that saving from the rest.
-* The selection rule is SPEC 5 exactly as ``medv_jax.sampling.diffusion`` documents it (ids
+* The selection rule is docs/algorithm.md §5 exactly as ``medv_jax.sampling.diffusion`` documents it (ids
   ``>= tokenizer_vocab_size`` and BOS/EOS/header ids banned at masked positions, committed
   positions tracked explicitly, confidence ties to the lower position, argmax ties to the lower
   id, the stop rule after each step), so that at fp32 the two stacks give the same tokens.
@@ -43,7 +43,7 @@ NEWLINE_KEY = "model.image_newline"
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """Token ids the sampler needs (SPEC 1 defaults: LLaDA-8B's tokenizer)."""
+    """Token ids the sampler needs (docs/algorithm.md §1 defaults: LLaDA-8B's tokenizer)."""
 
     bos: int = 126080
     eos: int = 126081
@@ -200,7 +200,7 @@ def build_reference(
 
 
 def transfer_counts(masked: int, steps: int) -> list[int]:
-    """Tokens committed at each step of a block holding ``masked`` masked positions (SPEC 5.2)."""
+    """Tokens committed at each step of a block holding ``masked`` masked positions (docs/algorithm.md §5 step 2)."""
     return [masked // steps + (1 if i < masked % steps else 0) for i in range(steps)]
 
 

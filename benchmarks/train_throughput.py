@@ -241,7 +241,7 @@ def torch_model(config, params, threads: int | None):
 
 
 def torch_loss(ref, batch_t: dict, masked_t, p_t, n_img: int, mask_id: int):
-    """The SPEC 4 loss, written plainly: splice image features, replace masked answer positions
+    """The docs/algorithm.md §4 loss, written plainly: splice image features, replace masked answer positions
     by the MASK embedding, bidirectional forward, full logits, CE / p over the answer count."""
     import torch
 

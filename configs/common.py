@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_test = ""  # e.g. "vqa_rad:test"
     c.data.tfds_data_dir = ""  # "" = TFDS's default data dir
     c.data.image_root = ""
-    c.data.task = "vqa"  # synthetic only: "vqa" | "caption"
+    c.data.task = "vqa"  # synthetic only: "vqa" | "caption" | "report" (findings reports, tokenizer "demo_reports")
     c.data.train_size = 20000  # synthetic only
     c.data.test_size = 500
     c.data.closed_fraction = 0.5  # synthetic only: share of yes/no questions
@@ -66,8 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
 
-    # The paper's learning rates are not legible in our copy: these follow the public LLaDA-V
-    # recipe (1e-3 projector-only, 1e-5 full fine-tuning, weight decay 0).
+    # The paper's table of training settings leaves the learning rates blank: these follow the
+    # public LLaDA-V recipe (1e-3 projector-only, 1e-5 full fine-tuning, weight decay 0).
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5
     c.optim.warmup_ratio = 0.03

@@ -1,6 +1,6 @@
 """Image-mode configuration and the pure geometry of LLaVA-OneVision "anyres" tiling.
 
-Facts matched (LLaDA-V train/llava/mm_utils.py and model/llava_arch.py, SPEC section 2):
+Facts matched (LLaDA-V train/llava/mm_utils.py and model/llava_arch.py, docs/algorithm.md §2):
 
 * Grid pinpoints "(1x1),...,(6x6)" expand to every (i, j) for i, j in 1..6, i outer, j inner, each
   scaled by the crop size and read as (width, height) in pixels. Order matters: ties keep the first.
@@ -49,7 +49,7 @@ _MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
-    """How images become crops and image tokens (the checkpoint config decides; SPEC 2 VERIFY).
+    """How images become crops and image tokens (the checkpoint config decides; docs/algorithm.md §2).
 
     aspect_ratio: `image_aspect_ratio`: "square", "pad", "anyres" or "anyres_max_N".
     merge_type: `mm_patch_merge_type`: "flat", "spatial" or "spatial_unpad".

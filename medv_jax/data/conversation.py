@@ -1,4 +1,4 @@
-"""LLaVA-style conversation records -> token ids, diffusion labels and image slots (SPEC 3 and 4).
+"""LLaVA-style conversation records -> token ids, diffusion labels and image slots (docs/algorithm.md §3 and §4).
 
 Input records are LLaVA JSON entries::
 
@@ -15,6 +15,10 @@ Two formatters:
   `<|eot_id|>`); in system/user messages only the structural ids (BOS, header ids, eot) are
   labelled, the role word, the blank line, the text and the image are IGNORE_INDEX.
 
+* `format_caption` (stage 1 projector pretraining, LLaDA-V's `llada_plain` template): image tokens,
+  then the caption followed by "\\n"; no template, no BOS/EOS; the human prompt text is dropped; every
+  caption token (and the final newline) is labelled, the image is not.
+
 Pieces, not strings. A message is tokenized as separate pieces: its header (BOS, role and the blank
 line), each stretch of content between image placeholders, and `<|eot_id|>`. So the ids of a
 header never depend on what follows it, and an inference prompt (the conversation so far, then the
@@ -24,9 +28,6 @@ look ahead: with GPT-2's pre-tokenizer `\\n\\n` is one token at the end of a pro
 the answer's first word, so a model trained on whole strings meets a context at inference it never
 saw in training. For tokenizers whose pre-tokenizer keeps a newline run in one piece whatever
 follows (Llama-3's), the pieces give exactly the ids of the tokenizer's chat template (tested).
-* `format_caption` (stage 1 projector pretraining, LLaDA-V's `llada_plain` template): image tokens,
-  then the caption followed by "\\n"; no template, no BOS/EOS; the human prompt text is dropped; every
-  caption token (and the final newline) is labelled, the image is not.
 
 The `<image>` placeholder is expanded to `num_image_tokens` slots (the count comes from the image
 preprocessing's token layout); their ids are a filler (`image_fill_id`, default PAD) and
@@ -49,7 +50,7 @@ from medv_jax.data import tokenizer as tok_lib
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 
-# SPEC 3: the system prompt LLaDA-MedV trains with (the default here).
+# docs/algorithm.md §3: the system prompt LLaDA-MedV trains with (the default here).
 MEDICAL_SYSTEM_PROMPT = (
     "You are a helpful medical language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural language."
@@ -59,7 +60,7 @@ GENERAL_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural language."
 )
-# The reference VQA demo appends this to every question (SPEC 3); callers add it where wanted.
+# The reference VQA demo appends this to every question (docs/algorithm.md §3); callers add it where wanted.
 VQA_QUESTION_SUFFIX = " Answer concisely in English."
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -158,7 +159,7 @@ def move_image_to_front(text: str) -> str:
 def _structural_ids(tokenizer: Any, specials: tok_lib.SpecialTokenIds) -> frozenset[int]:
     """Ids labelled inside system/user turns.
 
-    SPEC 4: BOS, header ids, eot. The reference also lists the token "\\n\\n", looked up with
+    docs/algorithm.md §4: BOS, header ids, eot. The reference also lists the token "\\n\\n", looked up with
     `convert_tokens_to_ids("\\n\\n")`; with a byte-level vocabulary (newline stored as "Ċ") that
     lookup finds nothing, so it only counts when the tokenizer really has such a literal token.
     """

@@ -1,6 +1,6 @@
 """Image preprocessing for the SigLIP tower with Pillow + numpy (no torch): square, pad, anyres.
 
-Pixel facts matched (SPEC 2; LLaDA-V mm_utils.process_anyres_image / train.py process_image and its
+Pixel facts matched (docs/algorithm.md §2; LLaDA-V mm_utils.process_anyres_image / train.py process_image and its
 SigLipImageProcessor): RGB, Pillow bicubic resize to 384 x 384 (aspect not kept), scale by 1/255
 (in float64, then float32, as transformers' rescale), normalise (x - 0.5) / 0.5.
 

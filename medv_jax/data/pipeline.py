@@ -4,7 +4,7 @@ Training batch (`make_loader`; every array has a static shape; B = per-process b
 T = `max_length`, C = `max_crops`, S = crop size)::
 
     tokens              int32   [B, T]     ids; image slots hold PAD; right padding is EOS
-    labels              int32   [B, T]     -100 where ignored; EOS padding is LABELLED (SPEC 4)
+    labels              int32   [B, T]     -100 where ignored; EOS padding is LABELLED (docs/algorithm.md §4)
     key_mask            bool    [B, T]     True at real tokens and at the labelled EOS padding;
                                            False only at unlabelled filler rows/positions
     pixels              float32 [B, C, S, S, 3]   crops of the row's image, unused crops zero

@@ -322,6 +322,125 @@ def caption(scene: Scene) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Findings reports: varied wording, every attribute checkable by `parse_report`
+
+REPORT_REQUESTS = (
+    "Describe the findings in this image.",
+    "Write a short report of this scan.",
+    "What are the findings?",
+)
+_STUDY_FORMS = (
+    "{m} scan of the {r}.",
+    "This is {a} {m} image of the {r}.",
+    "The study is {a} {m} of the {r}.",
+)
+_ARTICLE = {"ct": "a", "mri": "an", "x-ray": "an"}
+_ANATOMY = {
+    "brain": "The skull and the ventricles are visible.",
+    "chest": "Both lungs and the heart are visible.",
+    "abdomen": "The liver and both kidneys are visible.",
+}
+_NO_LESION_FORMS = ("No lesions are seen.", "There are no lesions.", "No lesion is visible.")
+_COUNT_FORMS = ("There {be} {n} {noun}.", "{N} {noun} {be} seen.")
+_SIDE_FORMS = ("On the {side} side there {be} {what}.", "The {side} side shows {what}.")
+_IMPRESSION = {True: "Impression: normal {r}.", False: "Impression: abnormal {r}."}
+REPORT_FIELDS = ("modality", "region", "count", "left", "right")
+
+
+def _sizes_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
+    """("one small and one large lesion" | "two large lesions" | ..., plural verb?)."""
+    sizes = sorted(sizes, key=SIZES.index)
+    n = len(sizes)
+    if n == 1:
+        return f"one {sizes[0]} lesion", False
+    if len(set(sizes)) == 1:
+        return f"{COUNT_WORDS[n]} {sizes[0]} lesions", True
+    parts = [f"{COUNT_WORDS[sizes.count(z)]} {z}" for z in SIZES if z in sizes]
+    return " and ".join(parts) + " lesion" + ("s" if n > 2 else ""), n > 2
+
+
+def report(scene: Scene, rng: np.random.Generator) -> str:
+    """A findings report of `scene` (about 24-64 tokens with the demo tokenizer): the study
+    (modality, region), the anatomy seen, the lesion count and each side's lesions with their
+    sizes, and an impression. The wording varies with `rng`; `parse_report` reads it back."""
+    pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
+    out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
+                                     r=scene.region),
+           _ANATOMY[scene.region]]
+    n = scene.count
+    if n == 0:
+        out.append(pick(_NO_LESION_FORMS))
+    else:
+        noun, be = ("lesion", "is") if n == 1 else ("lesions", "are")
+        form = pick(_COUNT_FORMS)
+        out.append(form.format(be=be, n=COUNT_WORDS[n], N=COUNT_WORDS[n].capitalize(), noun=noun))
+        for side in SIDES:
+            sizes = [l.size for l in scene.lesions if l.side == side]
+            if sizes:
+                what, plural = _sizes_phrase(sizes)
+                out.append(pick(_SIDE_FORMS).format(side=side, be="are" if plural else "is", what=what))
+    out.append(_IMPRESSION[n == 0].format(r=scene.region))
+    return " ".join(out)
+
+
+_WORD_NUMBERS = {w: i for i, w in enumerate(COUNT_WORDS)}
+_SIDE_SENTENCE = re.compile(r"(?:on the (left|right) side there (?:is|are) (.*)|the (left|right) side shows (.*))")
+_COUNT_SENTENCE = re.compile(r"there (?:is|are) (one|two|three) lesions?|(one|two|three) lesions? (?:is|are) seen")
+_SIZED = re.compile(r"\b(one|two|three) (small|large)\b")
+
+
+def parse_report(text: str) -> dict[str, Any]:
+    """The attributes a report states: modality, region (None when absent), count (None when no
+    count is stated), left / right ((count, sorted sizes) of that side's lesions; (0, ()) when the
+    side is not mentioned but other lesion findings are, None when no lesion finding is stated at
+    all). Reads the forms `report` writes, in any case; anything else is ignored, so a garbled
+    report scores as missing fields."""
+    low = text.lower()
+    sentences = [x.strip() for x in re.split(r"[.!?]", low) if x.strip()]
+    modality = region = count = None
+    sides: dict[str, tuple[int, tuple[str, ...]]] = {"left": (0, ()), "right": (0, ())}
+    for sent in sentences:
+        if modality is None:
+            found = re.search(r"\b(ct|mri|x-ray)\b", sent)
+            modality = found.group(1) if found else None
+        if region is None and not sent.startswith("impression"):
+            found = re.search(r"\b(brain|chest|abdomen)\b", sent)
+            region = found.group(1) if found else None
+        side = _SIDE_SENTENCE.fullmatch(sent)
+        if side:
+            name, what = (side.group(1), side.group(2)) if side.group(1) else (side.group(3), side.group(4))
+            sizes = [(z, _WORD_NUMBERS[w]) for w, z in _SIZED.findall(what)]
+            sides[name] = (sum(k for _, k in sizes), tuple(sorted(z for z, k in sizes for _ in range(k))))
+            continue
+        if count is None:
+            if re.fullmatch(r"no lesions are seen|there are no lesions|no lesion is visible", sent):
+                count = 0
+            else:
+                found = _COUNT_SENTENCE.fullmatch(sent)
+                if found:
+                    count = _WORD_NUMBERS[found.group(1) or found.group(2)]
+    if count is None and sides == {"left": (0, ()), "right": (0, ())}:
+        sides = {"left": None, "right": None}  # no lesion finding stated at all: unknown, not "none"
+    return {"modality": modality, "region": region, "count": count, **sides}
+
+
+def report_fields(scene: Scene) -> dict[str, Any]:
+    """The attributes of `scene` in `parse_report`'s form: what a correct report states."""
+    sides = {}
+    for side in SIDES:
+        sizes = tuple(sorted(l.size for l in scene.lesions if l.side == side))
+        sides[side] = (len(sizes), sizes)
+    return {"modality": scene.modality, "region": scene.region, "count": scene.count, **sides}
+
+
+def field_accuracy(text: str, scene: Scene) -> float:
+    """Share of `REPORT_FIELDS` a generated report states correctly: a missing field is wrong,
+    and so is a side with findings the scan does not have (a hallucinated lesion)."""
+    got, want = parse_report(text), report_fields(scene)
+    return sum(got[f] == want[f] for f in REPORT_FIELDS) / len(REPORT_FIELDS)
+
+
+# ----------------------------------------------------------------------------------------------
 # The data source
 
 
@@ -329,7 +448,8 @@ def caption(scene: Scene) -> str:
 class SyntheticConfig:
     """How records are drawn.
 
-    task: "vqa" (question-answer records) or "caption" (stage-1 caption records).
+    task: "vqa" (question-answer records), "caption" (stage-1 caption records) or "report" (a
+      findings report asked for in the first turn; see `report`, scored by `field_accuracy`).
     image_size: side of the drawn scan in pixels (draw at the tower's resolution, e.g. 64).
     closed_fraction: probability that a vqa record asks a closed question.
     closed_families / open_families: which question families to ask (see CLOSED_FAMILIES,
@@ -349,8 +469,8 @@ class SyntheticConfig:
     turns: int = 1
 
     def __post_init__(self):
-        if self.task not in ("vqa", "caption"):
-            raise ValueError(f"task must be 'vqa' or 'caption', got {self.task!r}")
+        if self.task not in ("vqa", "caption", "report"):
+            raise ValueError(f"task must be 'vqa', 'caption' or 'report', got {self.task!r}")
         for f in self.closed_families:
             if f not in CLOSED_FAMILIES:
                 raise ValueError(f"unknown closed family {f!r}; known: {CLOSED_FAMILIES}")
@@ -365,6 +485,11 @@ class SyntheticConfig:
             raise ValueError("open questions requested but no open family given")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Asked:
+    text: str  # a question already asked in the dialogue (not asked again by `_more_turns`)
 
 
 class SyntheticMedVQA:
@@ -409,6 +534,14 @@ class SyntheticMedVQA:
             scene = sample_scene(rng)
             return dict(scene=scene, question="Describe the image briefly.", answer=caption(scene),
                         answer_type="caption", question_type="caption")
+        if self.config.task == "report":
+            scene = sample_scene(rng)
+            request = REPORT_REQUESTS[rng.integers(len(REPORT_REQUESTS))]
+            out = dict(scene=scene, question=request, answer=report(scene, rng), answer_type="report",
+                       question_type="report")
+            if self.config.turns > 1:
+                out["more_turns"] = self._more_turns(scene, _Asked(request), rng)
+            return out
         # Records 2k and 2k+1 form a pair: same question, opposite closed answers (drawn from a
         # pair stream), so every closed question is answered yes exactly as often as no.
         pair = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index // 2, _PAIR_STREAM])
@@ -480,13 +613,18 @@ def make_splits(train_size: int = 20_000, test_size: int = 500, *, seed: int = 0
             SyntheticMedVQA("test", test_size, seed=seed, **config_kwargs))
 
 
-def vocabulary(include_chat_roles: bool = True) -> list[str]:
-    """Every word (lowercase, letters only) of the questions, answers, captions and prompts.
+def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[str]:
+    """Every word (lowercase, letters only) of the questions, answers, captions and prompts, and
+    with `reports` of the findings reports and their requests.
 
     Texts split at non-letters ("X-ray" -> "x", "ray"); `include_chat_roles` adds the chat
     template's role words (system, user, assistant). Sorted, no duplicates.
     """
     texts: list[str] = ["Describe the image briefly.", "yes no"]
+    if reports:
+        texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_NO_LESION_FORMS)
+        texts += list(_COUNT_FORMS) + list(_SIDE_FORMS) + list(_IMPRESSION.values())
+        texts += ["is are lesion lesions and a an", " ".join(REGIONS)]
     texts += [q.text for q in CLOSED_QUESTIONS] + [q.text for q in OPEN_QUESTIONS]
     texts += [" ".join(q.answers) for q in OPEN_QUESTIONS]
     texts += list(_MODALITY_DISPLAY.values()) + list(SIZES) + list(COUNT_WORDS)
@@ -495,16 +633,18 @@ def vocabulary(include_chat_roles: bool = True) -> list[str]:
         texts += ["system user assistant"]
     words = set()
     for t in texts:
+        t = re.sub(r"\{\w+\}", " ", t)  # report templates' placeholders
         words.update(w.lower() for w in re.findall(r"[A-Za-z]+", t))
     return sorted(words)
 
 
-def load_demo_tokenizer(out_dir: str) -> Any:
-    """The compact tokenizer for the CPU demo: bytes + `vocabulary()` (each word one token) + the
-    named LLaDA special tokens right after them (576 ids; read ids with special_token_ids)."""
+def load_demo_tokenizer(out_dir: str, reports: bool = False) -> Any:
+    """The compact tokenizer for the CPU demo: bytes + `vocabulary(reports=reports)` (each word one
+    token) + the named LLaDA special tokens right after them (576 ids without the report words;
+    read ids with special_token_ids)."""
     from medv_jax.data import testing
 
-    return testing.load_test_tokenizer(out_dir, words=vocabulary(), special_ids_base=0)
+    return testing.load_test_tokenizer(out_dir, words=vocabulary(reports=reports), special_ids_base=0)
 
 
 def demo_image_config(image_size: int = 64, patch_size: int = 8) -> Any:
@@ -527,5 +667,6 @@ __all__: Sequence[str] = (
     "SyntheticMedVQA", "SyntheticConfig", "Scene", "Lesion", "make_splits", "vocabulary", "caption",
     "render_scene", "sample_scene", "sample_scene_where", "CLOSED_QUESTIONS", "OPEN_QUESTIONS",
     "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers", "load_demo_tokenizer",
-    "demo_image_config",
+    "demo_image_config", "report", "parse_report", "report_fields", "field_accuracy", "REPORT_FIELDS",
+    "REPORT_REQUESTS",
 )

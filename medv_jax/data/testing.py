@@ -3,7 +3,7 @@
 `build_test_tokenizer(out_dir)` writes a folder that `transformers.AutoTokenizer.from_pretrained`
 loads like the real LLaDA tokenizer: a byte-level BPE (so any text round-trips exactly, as with the
 real byte-level tokenizer) whose vocabulary is the 256 byte symbols plus a few hundred whole words,
-and the LLaDA special tokens at their real ids (126080 ... 126348, SPEC section 1).
+and the LLaDA special tokens at their real ids (126080 ... 126348, docs/algorithm.md §1).
 
 Why this shape:
 - Real ids: code that hard-codes nothing still meets the real numbers, and shapes such as the

@@ -4,7 +4,7 @@ The LLaDA-8B tokenizer is a plain `PreTrainedTokenizerFast` (tokenizer.json + to
 so `transformers.AutoTokenizer` loads it from a local folder without remote code. Every special id the
 data pipeline, the loss and the sampler need is looked up *by its token string* in the loaded tokenizer,
 so a different (e.g. the small test) tokenizer works unchanged. The ids of the released tokenizer
-(SPEC section 1) are kept here only as documentation and for tests to assert against.
+(docs/algorithm.md §1) are kept here only as documentation and for tests to assert against.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-# Token strings of the LLaDA tokenizer (SPEC section 1).
+# Token strings of the LLaDA tokenizer (docs/algorithm.md §1).
 BOS_TOKEN = "<|startoftext|>"  # written by the chat template before the first message only
 EOS_TOKEN = "<|endoftext|>"  # also the padding token (padding is labelled in the loss)
 MASK_TOKEN = "<|mdm_mask|>"  # the diffusion [MASK]
@@ -47,7 +47,7 @@ class SpecialTokenIds:
 
     @property
     def structural(self) -> frozenset[int]:
-        """Ids labelled even inside system/user turns (SPEC 4: BOS, header ids, end of turn)."""
+        """Ids labelled even inside system/user turns (docs/algorithm.md §4: BOS, header ids, end of turn)."""
         return frozenset((self.bos, self.start_header, self.end_header, self.eot))
 
 

@@ -4,7 +4,7 @@
 
 Each RUN_DIR holds the ``metrics.json`` of ``run-vqa``, ``run-conversation`` or ``judge``. The
 page has up to three tables, each with the paper's rows as reference (values from the paper's
-tables as summarised in ``shared/reference/SPEC.md`` section 7 and the paper text):
+tables as summarised in ``docs/algorithm.md`` §7 and the paper text):
 
 * Table 1 layout: open conversation, mean(s2/s1)*100 per type, per domain and overall.
 * Table 2 layout: VQA open recall and closed accuracy for VQA-RAD, SLAKE and PathVQA; a run fills

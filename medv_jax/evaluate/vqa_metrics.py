@@ -1,4 +1,4 @@
-"""Per-answer VQA metrics, reproducing LLaVA-Med's evaluation (SPEC.md section 6).
+"""Per-answer VQA metrics, reproducing LLaVA-Med's evaluation (docs/algorithm.md §6).
 
 LLaVA-MedV reports its VQA-RAD / SLAKE / PathVQA numbers with LLaVA-Med's evaluation script, so
 every rule here follows that script's observable behaviour, quirks included, rather than the

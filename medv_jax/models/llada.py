@@ -1,6 +1,6 @@
 """LLaDA-8B: a LLaMA-shaped transformer with fully bidirectional attention (a mask predictor).
 
-Architecture (SPEC section 1): pre-norm blocks ``x += attn(rms1(x)); x += mlp(rms2(x))``, RMSNorm
+Architecture (docs/algorithm.md §1): pre-norm blocks ``x += attn(rms1(x)); x += mlp(rms2(x))``, RMSNorm
 in fp32, half-split ("rotate_half") RoPE in fp32, gated SiLU MLP, no biases, untied LM head, no
 causal mask. Layers are stacked under ``nn.scan``.
 

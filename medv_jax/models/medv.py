@@ -43,7 +43,7 @@ DEFAULT_GRID_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
 class MedVConfig:
     lm: llada.LLaDAConfig = llada.LLaDAConfig()
     vision: siglip.SiglipConfig = siglip.SiglipConfig()
-    # Read from the checkpoint's config.json (SPEC: VERIFY); these defaults are LLaDA-V's SFT ones.
+    # Read from the checkpoint's config.json (docs/algorithm.md §2); these defaults are LLaDA-V's SFT ones.
     image_aspect_ratio: str = "anyres_max_4"
     mm_patch_merge_type: str = "spatial_unpad"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_GRID_PINPOINTS

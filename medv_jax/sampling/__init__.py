@@ -1,4 +1,4 @@
-"""Reverse-diffusion sampling (SPEC section 5): one jitted program per configuration."""
+"""Reverse-diffusion sampling (docs/algorithm.md §5): one jitted program per configuration."""
 from medv_jax.sampling.diffusion import (
     REMASKING,
     SampleOutput,

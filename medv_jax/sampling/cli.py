@@ -38,7 +38,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--system_prompt",
         default="medical",
-        help=f"one of {list(SYSTEM_PROMPTS)} or the text of a system prompt (default: medical, SPEC 3)",
+        help=f"one of {list(SYSTEM_PROMPTS)} or the text of a system prompt (default: medical, docs/algorithm.md §3)",
     )
     g.add_argument(
         "--question_suffix",

@@ -1,6 +1,6 @@
 """Reverse-diffusion sampling for LLaDA / LLaDA-MedV as one compiled program.
 
-The algorithm is SPEC section 5 (``/work/shared/reference/SPEC.md``; reference: LLaDA-V's
+The algorithm is docs/algorithm.md §5 (the reference code: LLaDA-V's
 ``LLaDAModelLM.generate_with_embeds``):
 
 * canvas = prompt embeddings followed by ``gen_length`` MASK positions; the generated region is
@@ -59,14 +59,15 @@ adaptive stop usually much earlier); a row that filled its block early waits (no
 so with several blocks a row with random draws (T > 0 or "random" remasking) or a cache may
 depend on its batch-mates; with one block, or deterministic decoding without a cache, it does not.
 
-Differences from the reference code (SPEC wins where they disagree):
+Differences from the reference code (docs/algorithm.md wins where they disagree):
 
-* Gumbel-max in fp32 as ``argmax(logits / T + g)`` (SPEC/issue 3); the reference uses float64 and
-  the equivalent form ``exp(logits) / (-log u) ** T``. Softmax confidences are fp32 too.
-* Ids ``>= tokenizer_vocab_size`` are banned at masked positions (SPEC 1); the reference leaves them.
+* Gumbel-max in fp32 as ``argmax(logits / T + g)`` (docs/algorithm.md §5); the reference uses
+  float64 and the equivalent form ``exp(logits) / (-log u) ** T``. Softmax confidences are fp32 too.
+* Ids ``>= tokenizer_vocab_size`` are banned at masked positions (docs/algorithm.md §1); the
+  reference leaves them.
 * "Masked" is tracked as an explicit per-position state rather than by comparing embeddings with
-  the MASK embedding: a committed token whose id happens to be MASK (not banned by SPEC) stays
-  committed, and MASK embeddings inside the prompt are never treated as positions to fill.
+  the MASK embedding: a committed token whose id happens to be MASK (not banned in
+  docs/algorithm.md §5) stays committed, and MASK embeddings inside the prompt are never treated as positions to fill.
 * When fewer eligible positions remain than the step's scheduled count (only after a stop),
   only the eligible ones are committed; the reference's ``topk`` would also pick -inf positions.
 * The stop rule always applies (the reference applies it only when given ``stopping_criteria``).
@@ -357,7 +358,7 @@ def transfer_counts(masked: int, steps: int) -> list[int]:
 
 
 def banned_ids(lm_config: LLaDAConfig) -> np.ndarray:
-    """[vocab_size] bool: ids never sampled at a masked position (SPEC 5.3 and SPEC 1)."""
+    """[vocab_size] bool: ids never sampled at a masked position (docs/algorithm.md §5 step 3 and §1)."""
     banned = np.arange(lm_config.vocab_size) >= lm_config.tokenizer_vocab_size
     for token_id in (
         lm_config.bos_token_id,

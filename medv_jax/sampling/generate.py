@@ -5,7 +5,7 @@
         --remasking low_confidence --cfg_scale 0 --seed 0] [--json] [--show_steps] \\
         [--cache prefix|dual --cache_refresh 8] [--threshold 0.9] [--adaptive_stop]
 
-Builds the SPEC 3 prompt (system prompt selectable), runs the jitted sampler and prints the
+Builds the docs/algorithm.md §3 prompt (system prompt selectable), runs the jitted sampler and prints the
 answer. ``--json`` prints the answer, its token ids, the steps used, the cache refreshes and
 timings (load, preprocess, compile, sample). ``--show_steps`` prints the answer canvas after
 every step, masked positions shown as ``_`` (replayed from the step each token was committed at).

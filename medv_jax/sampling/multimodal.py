@@ -2,7 +2,8 @@
 encodes the images, splices them into the prompt embeddings and runs the sampler.
 
 Host side (numpy): ``prompt_row`` / ``question_prompt`` format a conversation or one question in
-the LLaDA chat template (SPEC 3, ``medv_jax.data.conversation``) with the image's token layout (``medv_jax.data.image_layout``);
+the LLaDA chat template (docs/algorithm.md §3, ``medv_jax.data.conversation``) with the image's
+token layout (``medv_jax.data.image_layout``);
 ``collate_prompts`` left-pads rows into a ``PromptBatch`` (filler rows where asked, for fixed-shape
 batches). Device side: ``sample_medv`` (jitted; the MedV parameter tree, LM under ``params['lm']``).
 
@@ -37,7 +38,7 @@ SYSTEM_PROMPTS = {
 
 
 def system_prompt_for(choice: str | None) -> str | None:
-    """'medical' (default, SPEC 3), 'general' (LLaDA-V), 'none', or any other text used as is."""
+    """'medical' (default, docs/algorithm.md §3), 'general' (LLaDA-V), 'none', or any other text used as is."""
     if choice is None:
         return conv.MEDICAL_SYSTEM_PROMPT
     return SYSTEM_PROMPTS.get(choice, choice)

@@ -35,7 +35,7 @@ from medv_jax.sampling.diffusion import SampleOutput, SamplerConfig, generate_te
 # Shown for a still-masked position in the chat (an underscore would turn markdown italic).
 MASK_GLYPH = "\u2591"  # ░
 
-# Paper settings (SPEC / LLaDA-MedV): one click away in the page.
+# Paper settings (docs/algorithm.md §5): one click away in the page.
 PRESETS: dict[str, dict[str, int]] = {
     "VQA (paper): 128 / 128 / 128": dict(gen_length=128, block_length=128, steps=128),
     "Conversation (paper): 256 / 64 / 256": dict(gen_length=256, block_length=64, steps=256),
@@ -281,7 +281,7 @@ def build_prompt(
     question: str,
     image: PreprocessedImage | None,
 ) -> mm.PromptRow:
-    """SPEC 3 prompt of a chat: earlier (question, answer) turns, then the new question and the
+    """docs/algorithm.md §3 prompt of a chat: earlier (question, answer) turns, then the new question and the
     assistant header. The image (if any) sits at the start of the first user turn."""
     question = (question or "").strip()
     if not question:

@@ -22,9 +22,10 @@ def main(argv):
 
     config = _CONFIG.value
     summary = train(config, _WORKDIR.value or config.workdir)
-    printable = {k: v for k, v in summary.items() if k != "vqa"}
-    if "vqa" in summary:
-        printable["vqa"] = {k: v for k, v in summary["vqa"].items() if k != "examples"}
+    printable = {k: v for k, v in summary.items() if k not in ("vqa", "reports")}
+    for key in ("vqa", "reports"):
+        if key in summary:
+            printable[key] = {k: v for k, v in summary[key].items() if k != "examples"}
     print("summary:", json.dumps(printable, indent=2, default=str))
 
 

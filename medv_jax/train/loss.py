@@ -1,4 +1,4 @@
-"""The masked-diffusion SFT loss (SPEC section 4, paper Eq. 4).
+"""The masked-diffusion SFT loss (docs/algorithm.md §4, paper Eq. 4).
 
 Per sequence: t ~ U(0, 1), p = (1 - eps) t + eps; every answer position (label != -100) is masked
 independently with probability p by replacing its input embedding with the MASK embedding. The

@@ -41,9 +41,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
-    """``tokenizer: "demo"`` builds the compact synthetic-set tokenizer inside the workdir."""
-    if config.tokenizer == "demo":
-        return synthetic.load_demo_tokenizer(str(workdir / "tokenizer"))
+    """``tokenizer: "demo"`` builds the compact synthetic-set tokenizer inside the workdir,
+    ``"demo_reports"`` the same with the findings reports' words."""
+    if config.tokenizer in ("demo", "demo_reports"):
+        return synthetic.load_demo_tokenizer(str(workdir / "tokenizer"), reports=config.tokenizer == "demo_reports")
     if not config.tokenizer:
         raise ValueError("config.tokenizer: give the tokenizer folder (e.g. the LLaDA-MedV HF folder)")
     return tok_lib.load_tokenizer(config.tokenizer)
@@ -356,7 +357,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         summary["held_out_loss"] = _held_out_loss(eval_loss, state, eval_batches, mesh)
     if config.eval.num_examples and test_source is not None:
         params = jax.device_get(opt_lib.merge_params(state.params, state.frozen))
-        summary["vqa"] = evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg)
+        if config.data.source == "synthetic" and config.data.task == "report":
+            summary["reports"] = evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg)
+        else:
+            summary["vqa"] = evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg)
     if jax.process_index() == 0:
         export = workdir / "model"
         params = jax.device_get(opt_lib.merge_params(state.params, state.frozen))
@@ -386,17 +390,14 @@ def _held_out_loss(eval_loss, state, batches, mesh) -> float:
     return float(np.mean(values))
 
 
-def evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg) -> dict[str, Any]:
-    """Answer test questions with the jitted sampler and score them as LLaVA-Med does."""
-    from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
+def _generated_answers(config, model_cfg, params, tokenizer, test_source, bcfg):
+    """Yields (example id, question, reference answer, answer type, generated text, answer tokens)
+    for the first ``eval.num_examples`` test records, answered by the jitted sampler."""
     from medv_jax.sampling.diffusion import SamplerConfig
     from medv_jax.sampling.multimodal import PromptBatch, sample_medv
 
     e = config.eval
     sampler = SamplerConfig(gen_length=e.gen_length, block_length=e.block_length, steps=e.steps)
-    refs, preds, examples = [], {}, []
-    t0 = time.time()
-    n_tokens = 0
     batches = pipeline.make_prompt_batches(test_source, tokenizer, bcfg, batch_size=e.batch_size,
                                            limit=e.num_examples)
     for i, b in enumerate(tqdm(batches, desc="eval", unit="batch", disable=jax.process_index() != 0)):
@@ -407,13 +408,45 @@ def evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg) -> dic
             if not b["valid"][r]:
                 continue
             n = int(out.answer_length[r])
-            n_tokens += n
             text = tokenizer.decode([int(x) for x in out.tokens[r, :n]], skip_special_tokens=True).strip()
-            qid = str(b["example_id"][r])
-            preds[qid] = text
-            refs.append(VQAReference(qid, str(b["answer"][r]), str(b["answer_type"][r])))
-            if len(examples) < e.show_examples:
-                examples.append({"question": str(b["question"][r]), "answer": str(b["answer"][r]), "prediction": text})
+            yield (str(b["example_id"][r]), str(b["question"][r]), str(b["answer"][r]), str(b["answer_type"][r]),
+                   text, n)
+
+
+def evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg) -> dict[str, Any]:
+    """Findings reports of the synthetic set (``data.task = "report"``): each generated report is
+    parsed back into attributes and scored against its scan (``synthetic.field_accuracy``)."""
+    t0, scores, n_tokens, examples = time.time(), [], 0, []
+    for qid, question, answer, _, text, n in _generated_answers(config, model_cfg, params, tokenizer,
+                                                                test_source, bcfg):
+        scene = test_source.describe(int(qid.rsplit("-", 1)[1]))["scene"]
+        scores.append(synthetic.field_accuracy(text, scene))
+        n_tokens += n
+        if len(examples) < config.eval.show_examples:
+            examples.append({"question": question, "answer": answer, "prediction": text})
+    seconds = time.time() - t0
+    accuracy = 100.0 * float(np.mean(scores)) if scores else float("nan")
+    if jax.process_index() == 0:
+        print(f"report field accuracy (%)  {accuracy:.2f}  ({len(scores)} reports)")
+    return {"field_accuracy": accuracy, "n_reports": len(scores),
+            "seconds_per_question": seconds / max(len(scores), 1),
+            "tokens_per_s": n_tokens / max(seconds, 1e-9), "examples": examples}
+
+
+def evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg) -> dict[str, Any]:
+    """Answer test questions with the jitted sampler and score them as LLaVA-Med does."""
+    from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
+
+    refs, preds, examples = [], {}, []
+    t0 = time.time()
+    n_tokens = 0
+    for qid, question, answer, answer_type, text, n in _generated_answers(config, model_cfg, params, tokenizer,
+                                                                          test_source, bcfg):
+        n_tokens += n
+        preds[qid] = text
+        refs.append(VQAReference(qid, answer, answer_type))
+        if len(examples) < config.eval.show_examples:
+            examples.append({"question": question, "answer": answer, "prediction": text})
     seconds = time.time() - t0
     scores = score_vqa([r for r in refs if r.answer_type in ("closed", "open")], preds)
     if jax.process_index() == 0:

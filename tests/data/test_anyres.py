@@ -150,7 +150,7 @@ def test_bilinear_taps_match_torch_interpolate(shape_in, shape_out):
 
 
 def test_single_crop_token_counts_and_the_730_claim():
-    """SPEC: "a single crop with spatial_unpad gives 730 tokens". In the reference that is the
+    """docs/algorithm.md §2: "a single crop with spatial_unpad gives 730 tokens". In the reference that is the
     single-crop branch (one crop per image, i.e. square/pad preprocessing with an "unpad" merge
     type): 729 features + one image_newline. An anyres image always has base view + grid crops, so
     a 1x1 grid on a square image gives 729 + 27 rows x (27 + newline) = 1485 instead."""

@@ -241,3 +241,65 @@ def test_compact_base_and_release_layout_unchanged(tmp_path):
     assert tok_lib.special_token_ids(release).bos == 126080
     with pytest.raises(ValueError):
         testing.build_test_tokenizer(tmp_path / "c", special_ids_base=0, fill_vocab=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Findings reports
+
+
+def test_every_report_parses_back_to_its_scene_and_fits_24_to_64_tokens(tmp_path):
+    tok = S.load_demo_tokenizer(tmp_path, reports=True)
+    rng = np.random.default_rng(11)
+    lengths, forms = [], set()
+    for _ in range(400):
+        scene = S.sample_scene(rng)
+        text = S.report(scene, rng)
+        assert S.parse_report(text) == S.report_fields(scene), text
+        assert S.field_accuracy(text, scene) == 1.0
+        lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
+        forms.add(text.split(" ")[0])
+    assert 24 <= min(lengths) and max(lengths) <= 64, (min(lengths), max(lengths))
+    assert len(forms) >= 3  # the wording varies
+
+
+def _scene(modality="ct", region="chest", lesions=()):
+    return S.Scene(modality, region, tuple(S.Lesion(0.5, 0.5, 0.1, side, size) for side, size in lesions))
+
+
+def test_field_accuracy_hand_worked_cases():
+    scene = _scene("mri", "brain", [("left", "small"), ("right", "large"), ("right", "small")])
+    good = ("This is an MRI image of the brain. The skull and the ventricles are visible. Three lesions are "
+            "seen. The left side shows one small lesion. On the right side there is one small and one large "
+            "lesion. Impression: abnormal brain.")
+    assert S.field_accuracy(good, scene) == 1.0
+    # wrong modality: 4 of 5 fields
+    assert S.field_accuracy(good.replace("an MRI", "a CT"), scene) == 0.8
+    # the right side's large lesion missed: right side and count wrong (count says two)
+    missed = good.replace("Three lesions", "Two lesions").replace(
+        "On the right side there is one small and one large lesion.", "On the right side there is one small lesion.")
+    assert S.field_accuracy(missed, scene) == 0.6
+    # a hallucinated lesion on a normal scan: count and right side wrong
+    normal = _scene("ct", "abdomen")
+    hallucinated = ("CT scan of the abdomen. There is one lesion. The right side shows one large lesion. "
+                    "Impression: abnormal abdomen.")
+    assert S.parse_report(hallucinated)["right"] == (1, ("large",))
+    assert S.field_accuracy(hallucinated, normal) == 0.6
+    # nothing stated about lesions is not "no lesions": those three fields are wrong
+    assert S.field_accuracy("CT scan of the abdomen.", normal) == 0.4
+    assert S.field_accuracy("", normal) == 0.0
+    assert S.field_accuracy("no lesions are seen", normal) == 0.6  # count and both sides
+
+
+def test_report_dialogues_ask_follow_ups_about_the_same_scan():
+    src = S.SyntheticMedVQA("train", 50, seed=3, task="report", turns=3)
+    for i in range(20):
+        r = src[i]
+        conv_ = r["conversations"]
+        assert len(conv_) == 6 and conv_[0]["value"].startswith("<image>\n")
+        assert conv_[0]["value"].split("\n", 1)[1] in S.REPORT_REQUESTS
+        scene = src.describe(i)["scene"]
+        assert S.field_accuracy(conv_[1]["value"], scene) == 1.0
+        for q, a in zip(conv_[2::2], conv_[3::2]):
+            assert q["value"] not in S.REPORT_REQUESTS and a["value"]
+        assert r["answer_type"] == "report"
+    assert src[5]["conversations"] == S.SyntheticMedVQA("train", 50, seed=3, task="report", turns=3)[5]["conversations"]

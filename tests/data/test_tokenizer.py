@@ -10,7 +10,7 @@ from medv_jax.data import tokenizer as tok_lib
 
 def test_special_ids_read_from_tokenizer_match_spec(tokenizer):
     ids = tok_lib.special_token_ids(tokenizer)
-    # SPEC section 1 values; runtime code never hard-codes them.
+    # docs/algorithm.md §1 values; runtime code never hard-codes them.
     assert ids.bos == tok_lib.SPEC_SPECIAL_IDS["bos"] == 126080
     assert ids.eos == ids.pad == 126081
     assert ids.mask == 126336

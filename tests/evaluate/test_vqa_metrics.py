@@ -1,6 +1,6 @@
 """VQA metrics against hand-worked cases and against LLaVA-Med's own scores on 400 real cases.
 
-Every expected value below was worked out by hand from the rules in SPEC.md section 6 and
+Every expected value below was worked out by hand from the rules in docs/algorithm.md §6 and
 LLaVA-Med's evaluation script; none is computed with the code under test.
 """
 

@@ -86,7 +86,7 @@ def test_multi_crop_layout_with_newlines_and_bilinear_taps(tmp_path):
 
 
 def test_released_parameter_counts():
-    """eval_shape only: counts worked out from the SPEC shapes."""
+    """eval_shape only: counts worked out from the shapes in docs/algorithm.md §1-2."""
     d, f, v, n_layers = 4096, 12288, 126464, 32
     per_layer = 4 * d * d + 3 * d * f + 2 * d
     llada_8b = 2 * v * d + n_layers * per_layer + d

@@ -1,4 +1,4 @@
-"""A deliberately plain reimplementation of SPEC section 5, for the agreement tests.
+"""A deliberately plain reimplementation of docs/algorithm.md §5, for the agreement tests.
 
 One row at a time, no padding, Python loops and numpy; the model runs once per step (twice with
 CFG) over the whole canvas through the ordinary ``LLaDA.forward_embeds`` (no logits slice). The

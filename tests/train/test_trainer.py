@@ -143,3 +143,25 @@ def test_shortened_demo_learns_well_above_chance(tmp_path, seed):
     vqa = json.loads((tmp_path / "summary.json").read_text())["vqa"]
     assert vqa["n_open"] == 100 and vqa["n_closed"] == 0
     assert vqa["open_recall"] >= 75.0, vqa  # percent; chance: 33.3
+
+
+def test_report_evaluation_scores_each_report_against_its_scan(monkeypatch):
+    """Findings reports are parsed back and scored against the scan their example id names: the
+    reference report scores 100 %, an empty one 0 %."""
+    import ml_collections
+
+    from medv_jax.data import synthetic
+    from medv_jax.train import trainer
+
+    test = synthetic.SyntheticMedVQA("test", 6, seed=4, task="report")
+
+    def answers(config, model_cfg, params, tokenizer, test_source, bcfg):
+        for i in range(len(test_source)):
+            d = test_source.describe(i)
+            yield f"synth-test-{i}", d["question"], d["answer"], "report", d["answer"] if i % 2 else "", 9
+
+    monkeypatch.setattr(trainer, "_generated_answers", answers)
+    config = ml_collections.ConfigDict({"eval": {"show_examples": 1}})
+    result = trainer.evaluate_reports(config, None, None, None, test, None)
+    assert result["n_reports"] == 6 and result["field_accuracy"] == 50.0
+    assert result["examples"][0]["prediction"] == ""

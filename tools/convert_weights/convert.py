@@ -72,7 +72,7 @@ def lm_config_from_hf(cfg: dict, param_dtype: str) -> llada.LLaDAConfig:
     fields["rope_theta"] = _rope_theta(cfg)
     fields["rms_norm_eps"] = float(cfg.get("rms_norm_eps", 1e-5))
     # Special ids: the mask and padding ids may be recorded; BOS is not trusted (LLaDA-V's config
-    # carries LLaMA-3's 128000, outside the vocabulary), SPEC's 126080 stays.
+    # carries LLaMA-3's 128000, outside the vocabulary), the release's 126080 (docs/algorithm.md §1) stays.
     for hf_key, field in (("mask_token_id", "mask_token_id"), ("eos_token_id", "eos_token_id")):
         if isinstance(cfg.get(hf_key), int):
             fields[field] = cfg[hf_key]
