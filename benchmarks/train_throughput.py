@@ -52,11 +52,12 @@ class TrainShape:
 
 CONFIGS: dict[str, TrainShape] = {
     # configs/demo.py: LM d128 x 4, tower 64 px / 16 px patches (16 image tokens), 40-token
-    # sequences, global batch 32, everything trained, fp32.
+    # sequences, global batch 64, everything trained, fp32.
     "demo": TrainShape(
         lm=dict(vocab_size=640, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
-                mlp_hidden_size=384, max_position_embeddings=256, rope_theta=10000.0),
-        vision=dict(image_size=64, patch_size=16, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128),
+                mlp_hidden_size=384, max_position_embeddings=256, rope_theta=10000.0, init_std=0.15),
+        vision=dict(image_size=64, patch_size=16, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
+                    init_std=0.15),
         batch=64, seq=40, answer=6, dtype="float32", remat="none", ce_chunk=96, frozen=(), lr=2e-3),
     # CPU-sized wide model (as the sampler benchmark): hidden 512 x 8, vocab 32k, a 384 px tower
     # (729 image tokens, frozen as in stage 2), 1024-token sequences.
