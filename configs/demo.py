@@ -16,7 +16,7 @@ def get_config():
     c.tokenizer = "demo"
 
     c.model.lm_preset = "llada_tiny"
-    c.model.lm_overrides.vocab_size = 640  # the demo tokenizer uses 576 ids
+    c.model.lm_overrides.vocab_size = 640  # the demo tokenizer uses 582 ids
     c.model.lm_overrides.hidden_size = 128
     c.model.lm_overrides.num_layers = 4
     c.model.lm_overrides.num_heads = 4

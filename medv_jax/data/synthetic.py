@@ -307,18 +307,16 @@ OPEN_FAMILIES = tuple(dict.fromkeys(q.family for q in OPEN_QUESTIONS))
 
 
 def caption(scene: Scene) -> str:
-    """Short description, e.g. "CT scan of the chest with two lesions on the right side."."""
+    """One sentence stating every attribute: modality, region, and each side's lesions with their
+    sizes, e.g. "CT scan of the chest with one small lesion on the left side and two large lesions
+    on the right side." (the stage-1 alignment captions)."""
     head = f"{_MODALITY_DISPLAY[scene.modality]} scan of the {scene.region}"
-    n = scene.count
-    if n == 0:
-        return f"{head} with no lesions."
-    side = scene.lesion_side
-    where = "on both sides" if side == "both" else f"on the {side} side"
-    if n == 1:
-        return f"{head} with one {scene.lesions[0].size} lesion {where}."
-    sizes = {l.size for l in scene.lesions}
-    size = f" {sizes.pop()}" if len(sizes) == 1 else ""
-    return f"{head} with {COUNT_WORDS[n]}{size} lesions {where}."
+    parts = []
+    for side in SIDES:
+        sizes = [l.size for l in scene.lesions if l.side == side]
+        if sizes:
+            parts.append(f"{_sizes_phrase(sizes)[0]} on the {side} side")
+    return f"{head} with {' and '.join(parts) if parts else 'no lesions'}."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,12 +442,17 @@ def field_accuracy(text: str, scene: Scene) -> float:
 # The data source
 
 
+TASKS = ("vqa", "caption", "report", "text")
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     """How records are drawn.
 
-    task: "vqa" (question-answer records), "caption" (stage-1 caption records) or "report" (a
-      findings report asked for in the first turn; see `report`, scored by `field_accuracy`).
+    task: "vqa" (question-answer records), "caption" (stage-1 caption records), "report" (a
+      findings report asked for in the first turn; see `report`, scored by `field_accuracy`) or
+      "text" (no image: the scan's caption is given in words, then the report request and the
+      follow-up turns; text-only data for pretraining the language model).
     image_size: side of the drawn scan in pixels (draw at the tower's resolution, e.g. 64).
     closed_fraction: probability that a vqa record asks a closed question.
     closed_families / open_families: which question families to ask (see CLOSED_FAMILIES,
@@ -469,8 +472,8 @@ class SyntheticConfig:
     turns: int = 1
 
     def __post_init__(self):
-        if self.task not in ("vqa", "caption", "report"):
-            raise ValueError(f"task must be 'vqa', 'caption' or 'report', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         for f in self.closed_families:
             if f not in CLOSED_FAMILIES:
                 raise ValueError(f"unknown closed family {f!r}; known: {CLOSED_FAMILIES}")
@@ -534,10 +537,11 @@ class SyntheticMedVQA:
             scene = sample_scene(rng)
             return dict(scene=scene, question="Describe the image briefly.", answer=caption(scene),
                         answer_type="caption", question_type="caption")
-        if self.config.task == "report":
+        if self.config.task in ("report", "text"):
             scene = sample_scene(rng)
             request = REPORT_REQUESTS[rng.integers(len(REPORT_REQUESTS))]
-            out = dict(scene=scene, question=request, answer=report(scene, rng), answer_type="report",
+            question = f"{caption(scene)}\n{request}" if self.config.task == "text" else request
+            out = dict(scene=scene, question=question, answer=report(scene, rng), answer_type="report",
                        question_type="report")
             if self.config.turns > 1:
                 out["more_turns"] = self._more_turns(scene, _Asked(request), rng)
@@ -588,22 +592,24 @@ class SyntheticMedVQA:
         index = int(index)
         rng = self.rng(index)
         d = self._describe(index, rng)
-        pixels = render_scene(d["scene"], self.config.image_size, rng)
+        text_only = self.config.task == "text"
         conversations = [
-            {"from": "human", "value": f"<image>\n{d['question']}"},
+            {"from": "human", "value": d["question"] if text_only else f"<image>\n{d['question']}"},
             {"from": "gpt", "value": d["answer"]},
         ]
         for question, answer in d.get("more_turns", ()):
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        return {
+        record = {
             "id": f"synth-{self.split}-{index}",
-            "image": Image.fromarray(pixels, mode="L"),
             "conversations": conversations,
             "answer_type": d["answer_type"],
             "question_type": d["question_type"],
             "template": d["question"],
             "meta": d["scene"].to_dict(),
         }
+        if not text_only:
+            record["image"] = Image.fromarray(render_scene(d["scene"], self.config.image_size, rng), mode="L")
+        return record
 
 
 def make_splits(train_size: int = 20_000, test_size: int = 500, *, seed: int = 0,
@@ -628,7 +634,7 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
     texts += [q.text for q in CLOSED_QUESTIONS] + [q.text for q in OPEN_QUESTIONS]
     texts += [" ".join(q.answers) for q in OPEN_QUESTIONS]
     texts += list(_MODALITY_DISPLAY.values()) + list(SIZES) + list(COUNT_WORDS)
-    texts += ["scan of the with no lesions lesion one on the both sides side"]
+    texts += ["scan of the with no lesions lesion one on the both sides side and"]
     if include_chat_roles:
         texts += ["system user assistant"]
     words = set()
@@ -640,7 +646,7 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
 
 def load_demo_tokenizer(out_dir: str, reports: bool = False) -> Any:
     """The compact tokenizer for the CPU demo: bytes + `vocabulary(reports=reports)` (each word one
-    token) + the named LLaDA special tokens right after them (576 ids without the report words;
+    token) + the named LLaDA special tokens right after them (582 ids without the report words, 684 with them;
     read ids with special_token_ids)."""
     from medv_jax.data import testing
 
@@ -668,5 +674,5 @@ __all__: Sequence[str] = (
     "render_scene", "sample_scene", "sample_scene_where", "CLOSED_QUESTIONS", "OPEN_QUESTIONS",
     "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers", "load_demo_tokenizer",
     "demo_image_config", "report", "parse_report", "report_fields", "field_accuracy", "REPORT_FIELDS",
-    "REPORT_REQUESTS",
+    "REPORT_REQUESTS", "TASKS",
 )

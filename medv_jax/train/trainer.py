@@ -417,18 +417,24 @@ def evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg) ->
     """Findings reports of the synthetic set (``data.task = "report"``): each generated report is
     parsed back into attributes and scored against its scan (``synthetic.field_accuracy``)."""
     t0, scores, n_tokens, examples = time.time(), [], 0, []
+    per_field = {f: [] for f in synthetic.REPORT_FIELDS}
     for qid, question, answer, _, text, n in _generated_answers(config, model_cfg, params, tokenizer,
                                                                 test_source, bcfg):
         scene = test_source.describe(int(qid.rsplit("-", 1)[1]))["scene"]
         scores.append(synthetic.field_accuracy(text, scene))
+        got, want = synthetic.parse_report(text), synthetic.report_fields(scene)
+        for f in per_field:
+            per_field[f].append(got[f] == want[f])
         n_tokens += n
         if len(examples) < config.eval.show_examples:
             examples.append({"question": question, "answer": answer, "prediction": text})
     seconds = time.time() - t0
     accuracy = 100.0 * float(np.mean(scores)) if scores else float("nan")
     if jax.process_index() == 0:
-        print(f"report field accuracy (%)  {accuracy:.2f}  ({len(scores)} reports)")
+        fields = ", ".join(f"{f} {100.0 * np.mean(v):.1f}" for f, v in per_field.items() if v)
+        print(f"report field accuracy (%)  {accuracy:.2f}  ({len(scores)} reports; {fields})")
     return {"field_accuracy": accuracy, "n_reports": len(scores),
+            "per_field": {f: 100.0 * float(np.mean(v)) if v else float("nan") for f, v in per_field.items()},
             "seconds_per_question": seconds / max(len(scores), 1),
             "tokens_per_s": n_tokens / max(seconds, 1e-9), "examples": examples}
 

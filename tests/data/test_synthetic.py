@@ -303,3 +303,30 @@ def test_report_dialogues_ask_follow_ups_about_the_same_scan():
             assert q["value"] not in S.REPORT_REQUESTS and a["value"]
         assert r["answer_type"] == "report"
     assert src[5]["conversations"] == S.SyntheticMedVQA("train", 50, seed=3, task="report", turns=3)[5]["conversations"]
+
+
+def test_captions_state_each_sides_lesions_with_sizes():
+    lesion = lambda side, size: S.Lesion(0.3, 0.5, 0.1, side, size)  # noqa: E731
+    scene = S.Scene("mri", "chest", (lesion("left", "small"), lesion("right", "large"), lesion("right", "small")))
+    assert S.caption(scene) == ("MRI scan of the chest with one small lesion on the left side and one small "
+                                "and one large lesion on the right side.")
+    assert S.caption(S.Scene("ct", "brain", ())) == "CT scan of the brain with no lesions."
+    two = S.Scene("x-ray", "abdomen", (lesion("right", "large"), lesion("right", "large")))
+    assert S.caption(two) == "X-ray scan of the abdomen with two large lesions on the right side."
+
+
+def test_text_task_gives_the_scan_in_words_and_no_image():
+    text = S.SyntheticMedVQA("train", 50, task="text", turns=2)
+    report = S.SyntheticMedVQA("train", 50, task="report", turns=2)
+    for i in range(20):
+        r, twin = text[i], report[i]
+        assert "image" not in r and "<image>" not in r["conversations"][0]["value"]
+        description, request = r["conversations"][0]["value"].split("\n")
+        scene = text.describe(i)["scene"]
+        assert description == S.caption(scene) and request in S.REPORT_REQUESTS
+        assert S.field_accuracy(r["conversations"][1]["value"], scene) == 1.0
+        assert len(r["conversations"]) == 4
+        # the same scene and wording as the report task's record i, which shows the scan instead
+        assert r["conversations"][1:] == twin["conversations"][1:] and r["meta"] == twin["meta"]
+    with pytest.raises(ValueError, match="task must be one of"):
+        S.SyntheticConfig(task="story")

@@ -1,0 +1,25 @@
+"""Mini recipe, stage 0 (stands in for the language model's own pretraining, which the paper's
+LLaDA-8B-Instruct arrives with): the language model alone, on text only. Each dialogue gives a
+scan's description in words, asks for the findings report, then asks a follow-up question; the
+model learns the reports' language and to carry facts from its context into them.
+
+    python -m medv_jax.train.chain configs/mini/ --workdir=workdir/mini     (all stages)
+    python -m medv_jax.train --config=configs/mini/stage0_text.py           (this stage alone)
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mini_base import LM_ONLY, mini_config  # noqa: E402
+
+
+def get_config():
+    c = mini_config("stage0_text")
+    c.data.task = "text"
+    c.data.turns = 2
+    c.data.max_length = 128
+    c.data.prompt_length = 64
+    c.train.global_batch = 32
+    c.train.num_steps = 400
+    c.optim.param_groups = LM_ONLY
+    return c

@@ -1,0 +1,29 @@
+"""Mini recipe, stage 2 (the paper's end-to-end instruction tuning): the language model and the
+projector, vision tower frozen, on multi-turn dialogues about one scan: a findings report
+requested in the first turn, a follow-up question after it. Evaluated as the paper's conversation
+setting in miniature: reports of 200 held-out scans written block by block (L = 64, B = 32,
+N = 64) and scored by field accuracy (medv_jax.data.synthetic.field_accuracy).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mini_base import LM_AND_PROJECTOR, ROOT, mini_config  # noqa: E402
+
+
+def get_config():
+    c = mini_config("stage2_instruct")
+    c.init_from = f"{ROOT}/stage1_align/model"
+    c.data.task = "report"
+    c.data.turns = 2
+    c.data.max_length = 120
+    c.data.prompt_length = 64
+    c.train.global_batch = 32
+    c.train.num_steps = 1000
+    c.optim.param_groups = LM_AND_PROJECTOR
+    c.eval.num_examples = 200
+    c.eval.batch_size = 50
+    c.eval.gen_length = 64
+    c.eval.block_length = 32
+    c.eval.steps = 64
+    return c

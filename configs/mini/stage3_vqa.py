@@ -1,0 +1,28 @@
+"""Mini recipe, stage 3 (the paper's dataset-specific fine-tuning): single-turn VQA on the synthetic
+set's closed and open questions of every family, language model and projector, vision frozen;
+scored as LLaVA-Med scores VQA (closed accuracy, open recall).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mini_base import LM_AND_PROJECTOR, ROOT, mini_config  # noqa: E402
+
+
+def get_config():
+    c = mini_config("stage3_vqa")
+    c.init_from = f"{ROOT}/stage2_instruct/model"
+    c.data.task = "vqa"
+    c.data.closed_fraction = 0.5
+    c.data.max_length = 48
+    c.data.prompt_length = 48
+    c.data.test_size = 400
+    c.train.global_batch = 32
+    c.train.num_steps = 300
+    c.optim.param_groups = LM_AND_PROJECTOR
+    c.eval.num_examples = 400
+    c.eval.batch_size = 50
+    c.eval.gen_length = 4
+    c.eval.block_length = 4
+    c.eval.steps = 4
+    return c
