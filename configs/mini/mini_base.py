@@ -65,5 +65,4 @@ def mini_config(stage: str):
 # Parameter groups (regex over "part/.../name" paths; None = frozen). Frozen parts get no
 # optimizer state and, unlike parts that merely receive no gradient, no weight decay either.
 LM_ONLY = [("^vision/", None), ("^projector/", None), ("^image_newline", None)]
-PROJECTOR_AND_TOWER = [("^lm/", None)]
 LM_AND_PROJECTOR = [("^vision/", None)]

@@ -20,6 +20,6 @@ def get_config():
     c.data.max_length = 128
     c.data.prompt_length = 64
     c.train.global_batch = 32
-    c.train.num_steps = 400
+    c.train.num_steps = 300
     c.optim.param_groups = LM_ONLY
     return c

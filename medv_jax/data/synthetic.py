@@ -450,7 +450,8 @@ class SyntheticConfig:
     """How records are drawn.
 
     task: "vqa" (question-answer records), "caption" (stage-1 caption records), "report" (a
-      findings report asked for in the first turn; see `report`, scored by `field_accuracy`) or
+      findings report, see `report`, scored by `field_accuracy`; with several turns asked at a
+      random one of them, follow-up questions around it) or
       "text" (no image: the scan's caption is given in words, then the report request and the
       follow-up turns; text-only data for pretraining the language model).
     image_size: side of the drawn scan in pixels (draw at the tower's resolution, e.g. 64).
@@ -544,7 +545,13 @@ class SyntheticMedVQA:
             out = dict(scene=scene, question=question, answer=report(scene, rng), answer_type="report",
                        question_type="report")
             if self.config.turns > 1:
-                out["more_turns"] = self._more_turns(scene, _Asked(request), rng)
+                # The report is asked at a uniformly drawn turn, the follow-ups around it: a report
+                # that ends a dialogue is followed by the end-of-text padding, as at inference when
+                # it is asked first and answered on an open canvas; one that does not is followed by
+                # more questions (a report asked first every time never learns where to stop).
+                others = self._more_turns(scene, _Asked(request), rng)
+                at = int(rng.integers(self.config.turns))
+                out["dialogue"] = others[:at] + [(question, out["answer"])] + others[at:]
             return out
         # Records 2k and 2k+1 form a pair: same question, opposite closed answers (drawn from a
         # pair stream), so every closed question is answered yes exactly as often as no.
@@ -593,11 +600,11 @@ class SyntheticMedVQA:
         rng = self.rng(index)
         d = self._describe(index, rng)
         text_only = self.config.task == "text"
-        conversations = [
-            {"from": "human", "value": d["question"] if text_only else f"<image>\n{d['question']}"},
-            {"from": "gpt", "value": d["answer"]},
-        ]
-        for question, answer in d.get("more_turns", ()):
+        dialogue = d.get("dialogue") or [(d["question"], d["answer"]), *d.get("more_turns", ())]
+        conversations = []
+        for question, answer in dialogue:
+            if not conversations and not text_only:
+                question = f"<image>\n{question}"  # the image comes with the first message
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         record = {
             "id": f"synth-{self.split}-{index}",

@@ -8,6 +8,7 @@ Subcommands:
   judge             judge an existing conversation answer file (any model's)
   sweep             score, length, speed and repetition over a (gen_length, block_length, steps) grid
   report            one Markdown/HTML page comparing run folders with the paper's numbers
+  synthetic-questions  the built-in synthetic set's findings-report requests as a question file
 
 To add a subcommand, write its ``add_arguments(parser)`` and ``run(args) -> exit code`` functions
 (in any module) and append a :class:`Subcommand` to :data:`SUBCOMMANDS`. ``run`` may raise
@@ -22,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from medv_jax.evaluate import conversation, report, run_vqa, sweep
+from medv_jax.evaluate import conversation, report, run_vqa, sweep, synthetic_reports
 from medv_jax.evaluate.records import load_records, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.vqa_scoring import (
@@ -149,6 +150,8 @@ SUBCOMMANDS: list[Subcommand] = [
                sweep.add_arguments, sweep.run),
     Subcommand("report", "compare run folders side by side with the paper's numbers",
                report.add_arguments, report.run),
+    Subcommand("synthetic-questions", "write synthetic findings-report requests with images and scan attributes",
+               synthetic_reports.add_arguments, synthetic_reports.run),
 ]
 
 

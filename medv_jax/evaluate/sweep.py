@@ -14,7 +14,9 @@ blocks; others are listed and skipped) is one run folder ``SWEEP_DIR/L{L}_B{B}_N
 one line per gen_length, or per gen_length and block_length when several block lengths are swept).
 
 ``--task conversation`` scores with the judge (its flags as in run-conversation); with
-``--no_judge`` only lengths, speed and repetition are reported.
+``--no_judge`` only lengths, speed and repetition are reported. ``--task report`` answers the
+synthetic set's findings-report requests and scores field accuracy
+(``python -m medv_jax.evaluate synthetic-questions`` writes that question file).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
-from medv_jax.evaluate import conversation, generation, run_vqa
+from medv_jax.evaluate import conversation, generation, run_vqa, synthetic_reports
 from medv_jax.evaluate.records import write_json
 from medv_jax.evaluate.repetition import repetition_stats
 from medv_jax.evaluate.tables import format_table
@@ -46,6 +48,7 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("closed_accuracy", "closed acc (%)", 2),
     ("open_recall", "open recall (%)", 2),
     ("conversation_score", "conv. score", 3),
+    ("field_accuracy", "field acc (%)", 2),
     ("tokens_per_answer", "tokens/answer", 1),
     ("words_per_answer", "words/answer", 1),
     ("seconds_per_question", "s/question", 3),
@@ -118,6 +121,7 @@ def summarise_run(run_dir: str, setting: Setting, tokenizer: Any, ngram: int) ->
         "closed_accuracy": metrics.get("closed_accuracy"),
         "open_recall": metrics.get("open_recall"),
         "conversation_score": metrics.get("overall"),
+        "field_accuracy": metrics.get("field_accuracy"),
         "tokens_per_answer": lengths.get("tokens_per_question"),
         "words_per_answer": lengths.get("words_per_question"),
         "seconds_per_question": lengths.get("seconds_per_question"),
@@ -168,8 +172,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, ngram: int) -> None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    scores = [(k, h) for k, h, _ in COLUMNS[3:6] if any(r.get(k) is not None for r in rows)]
-    panels = scores + [("repeated_ngram_share", f"repeated {ngram}-grams (%)"),
+    scores = [(k, h) for k, h, _ in COLUMNS[3:7] if any(r.get(k) is not None for r in rows)]
+    panels = scores + [("words_per_answer", "words per answer"), ("seconds_per_word", "seconds per word"),
+                       ("repeated_ngram_share", f"repeated {ngram}-grams (%)"),
                        ("longest_token_run", "longest run of one token (mean)")]
     several_blocks = len({r["block_length"] for r in rows}) > 1 and not all(
         r["block_length"] == r["gen_length"] for r in rows)
@@ -199,8 +204,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, ngram: int) -> None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=["vqa", "conversation"], default="vqa",
-                        help="vqa: score with closed accuracy / open recall; conversation: the judge")
+    parser.add_argument("--task", choices=["vqa", "conversation", "report"], default="vqa",
+                        help="vqa: score with closed accuracy / open recall; conversation: the judge; "
+                        "report: field accuracy of synthetic findings reports")
     parser.add_argument("--questions", required=True, help="question set (as run-vqa / run-conversation)")
     parser.add_argument("--out", required=True, help="sweep folder (one run folder per setting)")
     parser.add_argument("--gen_lengths", type=int, nargs="*", default=[], help="gen_length values")
@@ -247,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
         if args.task == "vqa":
             setting_args.tfds, setting_args.tfds_data_dir, setting_args.dataset = None, None, None
             run_vqa.run(setting_args, overrides, quiet=True)
+        elif args.task == "report":
+            synthetic_reports.run_reports(setting_args, overrides, quiet=True)
         else:
             conversation.run_conversation(setting_args, overrides, quiet=True)
         rows.append(summarise_run(run_dir, setting, tokenizer, args.ngram))

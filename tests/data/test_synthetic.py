@@ -291,18 +291,30 @@ def test_field_accuracy_hand_worked_cases():
 
 
 def test_report_dialogues_ask_follow_ups_about_the_same_scan():
-    src = S.SyntheticMedVQA("train", 50, seed=3, task="report", turns=3)
-    for i in range(20):
+    src = S.SyntheticMedVQA("train", 60, seed=3, task="report", turns=3)
+    positions = []
+    for i in range(60):
         r = src[i]
         conv_ = r["conversations"]
         assert len(conv_) == 6 and conv_[0]["value"].startswith("<image>\n")
-        assert conv_[0]["value"].split("\n", 1)[1] in S.REPORT_REQUESTS
+        assert sum("<image>" in m["value"] for m in conv_) == 1
+        questions = [m["value"].replace("<image>\n", "") for m in conv_[0::2]]
+        at = [k for k, q in enumerate(questions) if q in S.REPORT_REQUESTS]
+        assert len(at) == 1
+        positions.append(at[0])
         scene = src.describe(i)["scene"]
-        assert S.field_accuracy(conv_[1]["value"], scene) == 1.0
-        for q, a in zip(conv_[2::2], conv_[3::2]):
-            assert q["value"] not in S.REPORT_REQUESTS and a["value"]
+        assert S.field_accuracy(conv_[2 * at[0] + 1]["value"], scene) == 1.0
+        for k, (q, a) in enumerate(zip(questions, conv_[1::2])):
+            if k != at[0]:
+                assert q not in S.REPORT_REQUESTS and a["value"] in S.all_answers()[
+                    "closed" if a["value"] in ("yes", "no") else next(
+                        f for f, ans in S.all_answers().items() if a["value"] in ans)]
         assert r["answer_type"] == "report"
-    assert src[5]["conversations"] == S.SyntheticMedVQA("train", 50, seed=3, task="report", turns=3)[5]["conversations"]
+    assert set(positions) == {0, 1, 2}  # the report is asked first, in the middle and last
+    assert src[5]["conversations"] == S.SyntheticMedVQA("train", 60, seed=3, task="report", turns=3)[5]["conversations"]
+    # one turn: the report alone, asked with the image
+    single = S.SyntheticMedVQA("test", 5, task="report")[2]["conversations"]
+    assert len(single) == 2 and single[0]["value"].split("\n", 1)[1] in S.REPORT_REQUESTS
 
 
 def test_captions_state_each_sides_lesions_with_sizes():
@@ -321,12 +333,15 @@ def test_text_task_gives_the_scan_in_words_and_no_image():
     for i in range(20):
         r, twin = text[i], report[i]
         assert "image" not in r and "<image>" not in r["conversations"][0]["value"]
-        description, request = r["conversations"][0]["value"].split("\n")
+        asked = [k for k, m in enumerate(r["conversations"]) if "\n" in m["value"] and m["from"] == "human"]
+        assert len(asked) == 1 and len(r["conversations"]) == 4
+        description, request = r["conversations"][asked[0]]["value"].split("\n")
         scene = text.describe(i)["scene"]
         assert description == S.caption(scene) and request in S.REPORT_REQUESTS
-        assert S.field_accuracy(r["conversations"][1]["value"], scene) == 1.0
-        assert len(r["conversations"]) == 4
+        assert S.field_accuracy(r["conversations"][asked[0] + 1]["value"], scene) == 1.0
         # the same scene and wording as the report task's record i, which shows the scan instead
-        assert r["conversations"][1:] == twin["conversations"][1:] and r["meta"] == twin["meta"]
+        plain = [m["value"].replace(description + "\n", "") for m in r["conversations"]]
+        assert plain == [m["value"].replace("<image>\n", "") for m in twin["conversations"]]
+        assert r["meta"] == twin["meta"]
     with pytest.raises(ValueError, match="task must be one of"):
         S.SyntheticConfig(task="story")

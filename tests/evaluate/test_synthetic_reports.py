@@ -1,0 +1,42 @@
+"""The synthetic report benchmark's question file and scorer, on hand-worked answers."""
+import pytest
+
+from medv_jax.data import synthetic
+from medv_jax.evaluate import synthetic_reports
+from medv_jax.evaluate.records import load_records
+
+
+def test_question_file_rows_carry_their_scans(tmp_path):
+    path = synthetic_reports.write_question_set(str(tmp_path), 5)
+    rows = load_records(path)
+    source = synthetic.SyntheticMedVQA("test", 5, task="report")
+    assert [r["question_id"] for r in rows] == [f"synth-test-{i}" for i in range(5)]
+    for i, row in enumerate(rows):
+        assert (tmp_path / row["image"]).exists() and row["text"] in synthetic.REPORT_REQUESTS
+        assert synthetic_reports.scene_of(row["meta"]) == source.describe(i)["scene"]
+        assert synthetic.field_accuracy(row["answer"], synthetic_reports.scene_of(row["meta"])) == 1.0
+
+
+def test_score_reports_hand_worked():
+    lesion = {"x": 0.3, "y": 0.5, "radius": 0.1, "side": "left", "size": "small"}
+    rows = [{"question_id": "a", "meta": {"modality": "ct", "region": "chest", "lesions": [lesion]}},
+            {"question_id": "b", "meta": {"modality": "mri", "region": "brain", "lesions": []}}]
+    answers = {
+        # a: all five fields right
+        "a": "CT scan of the chest. There is one lesion. On the left side there is one small lesion.",
+        # b: region right; modality wrong; a hallucinated lesion makes count and the right side wrong,
+        # the left side (not mentioned while other lesions are) is correctly empty: 2 of 5
+        "b": "CT scan of the brain. There is one lesion. The right side shows one large lesion.",
+    }
+    out = synthetic_reports.score_reports(rows, answers)
+    assert out["per_field"] == {"modality": 50.0, "region": 100.0, "count": 50.0, "left": 100.0, "right": 50.0}
+    assert out["field_accuracy"] == pytest.approx(70.0)
+    missing = synthetic_reports.score_reports(rows, {"a": answers["a"]})  # b unanswered: 0 of 5
+    assert missing["field_accuracy"] == pytest.approx(50.0)
+
+
+def test_rows_without_scan_attributes_are_refused(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": "x", "image": "x.png", "text": "Describe."}\n')
+    with pytest.raises(ValueError, match="synthetic-questions"):
+        synthetic_reports._question_rows(str(path), None)
