@@ -30,8 +30,8 @@ TINY = [
 TRAINS = {
     "stage0_text": {"lm"},  # text only: the language model's pretraining
     "stage1_align": {"lm", "projector", "vision"},  # captions; the from-scratch tower learns here
-    "stage2_instruct": {"lm", "projector"},  # vision frozen, as the paper's stages 2 and 3
-    "stage3_vqa": {"lm", "projector"},
+    "stage2_instruct": {"lm", "projector", "vision"},  # the tower keeps learning (configs/mini/stage2_instruct.py)
+    "stage3_vqa": {"lm", "projector"},  # vision frozen, as in the paper
 }
 
 
