@@ -71,7 +71,12 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
             raise ValueError(f"--set {assignment!r}: cannot read {text!r} as a value for {key}") from None
         if isinstance(current, float) and isinstance(value, int):
             value = float(value)
-    node[leaf] = value
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+    try:
+        node[leaf] = value
+    except TypeError as e:  # ml_collections keeps a field's type
+        raise ValueError(f"--set {assignment!r}: {key} holds a {type(current).__name__}: {e}") from None
 
 
 def discover_stages(folder: str | Path) -> list[Stage]:

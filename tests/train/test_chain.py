@@ -162,3 +162,17 @@ def test_report_sweep_on_the_chains_report_model(chain_run, tmp_path, capsys):
         assert float(row["words_per_answer"]) >= 0 and float(row["seconds_per_word"]) >= 0
     assert (out / "sweep.png").stat().st_size > 10_000
     assert "field acc (%)" in (out / "sweep.md").read_text()
+
+
+def test_overrides_take_each_fields_type():
+    config = chain.load_config_file(MINI / "stage2_instruct.py")
+    for assignment in ("train.num_steps=7", "optim.lr=1", "data.closed_families=('modality',)",
+                       "tokenizer=demo", "optim.param_groups=[('^vision/', None)]"):
+        chain.apply_override(config, assignment)
+    assert config.train.num_steps == 7 and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert tuple(config.data.closed_families) == ("modality",) and config.tokenizer == "demo"
+    assert [tuple(g) for g in config.optim.param_groups] == [("^vision/", None)]
+    for bad, message in (("train.num_step=7", "no field 'train.num_step'"), ("trian.num_steps=7", "no section"),
+                         ("optim.lr=fast", "cannot read"), ("train.num_steps", "FIELD=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            chain.apply_override(config, bad)
