@@ -3,8 +3,9 @@ checkpoint, driven in headless Chromium (Debian's ``chromium`` through playwrigh
 ``executable_path``; nothing is downloaded).
 
 Skipped, with the reason, only where Chromium or playwright is missing (``.ci/run`` installs
-them). ``MEDV_SERVE_SCREENSHOT=docs/serve_screenshot.png`` saves the chat test's screenshot there
-(README's picture); otherwise it goes to the test's temporary folder.
+them). ``MEDV_SERVE_SCREENSHOT=FILE`` keeps the chat test's screenshot (of the tiny random model);
+otherwise it goes to the test's temporary folder. README's picture is of a trained model
+(tools/serve_screenshot.py).
 """
 from __future__ import annotations
 
