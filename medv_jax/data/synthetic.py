@@ -431,11 +431,16 @@ def report_fields(scene: Scene) -> dict[str, Any]:
     return {"modality": scene.modality, "region": scene.region, "count": scene.count, **sides}
 
 
-def field_accuracy(text: str, scene: Scene) -> float:
-    """Share of `REPORT_FIELDS` a generated report states correctly: a missing field is wrong,
-    and so is a side with findings the scan does not have (a hallucinated lesion)."""
+def fields_correct(text: str, scene: Scene) -> dict[str, bool]:
+    """For each of `REPORT_FIELDS`, whether a generated report states it correctly: a missing field
+    is wrong, and so is a side with findings the scan does not have (a hallucinated lesion)."""
     got, want = parse_report(text), report_fields(scene)
-    return sum(got[f] == want[f] for f in REPORT_FIELDS) / len(REPORT_FIELDS)
+    return {f: got[f] == want[f] for f in REPORT_FIELDS}
+
+
+def field_accuracy(text: str, scene: Scene) -> float:
+    """Share of `REPORT_FIELDS` a generated report states correctly (see `fields_correct`)."""
+    return sum(fields_correct(text, scene).values()) / len(REPORT_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,6 +685,6 @@ __all__: Sequence[str] = (
     "SyntheticMedVQA", "SyntheticConfig", "Scene", "Lesion", "make_splits", "vocabulary", "caption",
     "render_scene", "sample_scene", "sample_scene_where", "CLOSED_QUESTIONS", "OPEN_QUESTIONS",
     "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers", "load_demo_tokenizer",
-    "demo_image_config", "report", "parse_report", "report_fields", "field_accuracy", "REPORT_FIELDS",
+    "demo_image_config", "report", "parse_report", "report_fields", "field_accuracy", "fields_correct", "REPORT_FIELDS",
     "REPORT_REQUESTS", "TASKS",
 )

@@ -61,11 +61,9 @@ def score_reports(rows: Sequence[Mapping[str, Any]], answers: Mapping[str, str])
     a question without an answer scores 0."""
     per_field = {f: [] for f in synthetic.REPORT_FIELDS}
     for row in rows:
-        scene = scene_of(row["meta"])
-        got = synthetic.parse_report(answers.get(id_key(row["question_id"]), ""))
-        want = synthetic.report_fields(scene)
-        for f in per_field:
-            per_field[f].append(got[f] == want[f])
+        correct = synthetic.fields_correct(answers.get(id_key(row["question_id"]), ""), scene_of(row["meta"]))
+        for f, ok in correct.items():
+            per_field[f].append(ok)
     fields = {f: 100.0 * float(np.mean(v)) for f, v in per_field.items()}
     return {"field_accuracy": float(np.mean(list(fields.values()))), "per_field": fields, "n_reports": len(rows)}
 

@@ -119,7 +119,11 @@ def run_chain(folder: str | Path, root: str | Path, seed: int | None = None,
               overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Trains every stage of ``folder`` in turn under ``root``; returns (and writes to
     ``<root>/chain_summary.json``) each stage's summary and the total seconds."""
-    stages = place_stages(discover_stages(folder), root, seed, overrides)
+    return run_stages(place_stages(discover_stages(folder), root, seed, overrides), root)
+
+
+def run_stages(stages: Sequence[Stage], root: str | Path) -> dict[str, Any]:
+    """``run_chain`` for stages already placed under ``root`` (``place_stages``)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -159,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
         return 2
-    del stages  # checked before anything trains
-    out = run_chain(args.folder, args.workdir, args.seed, args.overrides)
+    out = run_stages(stages, args.workdir)  # placed (and so checked) before anything trains
     for name, s in out["stages"].items():
         extra = ""
         if "reports" in s:

@@ -421,10 +421,10 @@ def evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg) ->
     for qid, question, answer, _, text, n in _generated_answers(config, model_cfg, params, tokenizer,
                                                                 test_source, bcfg):
         scene = test_source.describe(int(qid.rsplit("-", 1)[1]))["scene"]
-        scores.append(synthetic.field_accuracy(text, scene))
-        got, want = synthetic.parse_report(text), synthetic.report_fields(scene)
-        for f in per_field:
-            per_field[f].append(got[f] == want[f])
+        correct = synthetic.fields_correct(text, scene)
+        scores.append(sum(correct.values()) / len(correct))
+        for f, ok in correct.items():
+            per_field[f].append(ok)
         n_tokens += n
         if len(examples) < config.eval.show_examples:
             examples.append({"question": question, "answer": answer, "prediction": text})
