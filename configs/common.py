@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Per-batch padded lengths (each batch padded to the smallest bucket holding its longest
     # record, max_length last); () = every batch padded to max_length. Each bucket compiles once.
     c.data.length_buckets = ()
+    # The labelled token after each row's last turn: "eos" (<|endoftext|>, the reference) or "eot"
+    # (<|eot_id|>, the sampler's stop token; pipeline.BatchConfig.answer_padding).
+    c.data.answer_padding = "eos"
     c.data.worker_count = 0
 
     c.train = ml_collections.ConfigDict()

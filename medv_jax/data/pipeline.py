@@ -72,6 +72,9 @@ class SampleTooLongError(ValueError):
         self.sample_id = sample_id
 
 
+ANSWER_PADDINGS = ("eos", "eot")
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
     """Shapes and formatting of batches.
@@ -103,12 +106,15 @@ class BatchConfig:
     image_root: str | None = None
     length_buckets: tuple[int, ...] = ()
     bucket_window: int = 64
+    answer_padding: str = "eos"
 
     def __post_init__(self):
         if self.text_format not in ("conversation", "caption"):
             raise ValueError(f"text_format must be 'conversation' or 'caption', got {self.text_format!r}")
         if self.too_long not in ("raise", "skip", "truncate"):
             raise ValueError(f"too_long must be 'raise', 'skip' or 'truncate', got {self.too_long!r}")
+        if self.answer_padding not in ANSWER_PADDINGS:
+            raise ValueError(f"answer_padding must be one of {ANSWER_PADDINGS}, got {self.answer_padding!r}")
         if min(self.batch_size, self.max_length, self.prompt_length, self.max_crops) <= 0:
             raise ValueError("batch_size, max_length, prompt_length and max_crops must be positive")
         if any(int(b) <= 0 for b in self.length_buckets) or self.bucket_window <= 0:
@@ -233,7 +239,7 @@ def _image_arrays(sample: conv.TokenizedSample, image: _Image, length: int, offs
 
 def encode_example(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig) -> dict[str, np.ndarray]:
     """One record -> the training arrays of one row (shapes [T], [T, 4], [C, S, S, 3]), right-padded
-    with labelled EOS. Raises SampleTooLongError (with the id) when it does not fit."""
+    with labelled EOS (or eot, `BatchConfig.answer_padding`). Raises SampleTooLongError (with the id) when it does not fit."""
     sid = conv.sample_id_of(record)
     specials = tok_lib.special_token_ids(tokenizer)
     image = _load_image(record, config)
@@ -248,8 +254,9 @@ def encode_example(record: Mapping[str, Any], tokenizer: Any, config: BatchConfi
     n = len(sample)
     if n > t:
         raise SampleTooLongError(sid, f"{n} tokens exceed max_length {t}")
-    tokens = np.full(t, specials.eos, np.int32)
-    labels = np.full(t, specials.eos, np.int32)
+    fill = specials.eot if config.answer_padding == "eot" else specials.eos
+    tokens = np.full(t, fill, np.int32)
+    labels = np.full(t, fill, np.int32)
     tokens[:n], labels[:n] = sample.input_ids, sample.labels
     index, weight, newline = _image_arrays(sample, image, t, 0)
     return {
@@ -504,7 +511,7 @@ def encode_batch(records: Sequence[Mapping[str, Any] | None], length: int, token
             rows.append(_filler_row(config, length, pad_id))
             continue
         if length < config.max_length:
-            # positions >= length hold only EOS padding (the plan chose length >= the record's)
+            # positions >= length hold only padding (the plan chose length >= the record's)
             row = {k: (v[:length] if k in _SEQ_KEYS else v) for k, v in row.items()}
         rows.append(row)
     return {k: np.stack([r[k] for r in rows]) for k in TRAIN_KEYS}

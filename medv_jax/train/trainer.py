@@ -150,6 +150,7 @@ def batch_config(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, 
         too_long=d.too_long,
         image_root=d.get("image_root") or None,
         length_buckets=tuple(d.get("length_buckets") or ()),  # e.g. (256, 512, 1024): pad per batch
+        answer_padding=d.get("answer_padding", "eos"),
     )
 
 
@@ -308,14 +309,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                disable=jax.process_index() != 0)
     step = start_step
     last_loss = float("nan")
-    eos_id = tok_lib.special_token_ids(tokenizer).eos
-    # padding fraction of the batches (EOS padding and filler rows): since the last log, and in all
+    specials = tok_lib.special_token_ids(tokenizer)
+    pad_fill = specials.eot if bcfg.answer_padding == "eot" else specials.eos
+    # padding fraction of the batches (padding and filler rows): since the last log, and in all
     pad_window, pad_sum, pad_steps, n_tokens = [], 0.0, 0, 0
     t_loop = time.time()
     try:
         while step < total_steps:
             data_state = it.get_state()  # the state *after* this batch: resume continues from here
-            pad_window.append(pipeline.padding_fraction(batch, eos_id))
+            pad_window.append(pipeline.padding_fraction(batch, pad_fill))
             n_tokens += batch["tokens"].size * n_proc  # positions computed (per-batch lengths vary)
             device_batch, ids = _device_batch(batch, mesh)
             state, metrics = train_step(state, device_batch)

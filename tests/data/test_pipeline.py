@@ -58,6 +58,21 @@ def test_batch_shapes_and_dtypes(tok, source):
     assert batch["example_id"].shape == (B,) and all(str(x).startswith("synth-train-") for x in batch["example_id"])
 
 
+def test_answer_padding_eot_fills_with_the_labelled_stop_token(tok, ids, source):
+    """answer_padding="eot": the same row, the padding after the last turn <|eot_id|> instead of
+    EOS, labelled and attended alike; anything else is one clear error."""
+    rec = source[3]
+    eos_row = P.encode_example(rec, tok, cfg())
+    eot_row = P.encode_example(rec, tok, cfg(answer_padding="eot"))
+    n = len(conv.format_conversation(rec, tok, num_image_tokens=64, system_prompt=None))
+    for k in ("tokens", "labels"):
+        np.testing.assert_array_equal(eot_row[k][:n], eos_row[k][:n])
+        assert (eot_row[k][n:] == ids.eot).all() and (eos_row[k][n:] == ids.eos).all()
+    np.testing.assert_array_equal(eot_row["key_mask"], eos_row["key_mask"])
+    with pytest.raises(ValueError, match="answer_padding must be one of"):
+        cfg(answer_padding="pad")
+
+
 def test_row_layout(tok, ids, source):
     """Tokens/labels equal the formatter's, right-padded with LABELLED EOS; key_mask all True;
     image slots hold PAD with identity taps into crop 0; pixels equal the preprocessing's."""
