@@ -15,9 +15,6 @@ def mini_config(stage: str):
     c.workdir = f"{ROOT}/{stage}"
     c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)
     c.data.test_size = 200
-    # Rows end in the stop token rather than EOS: the sampler bans EOS, and with EOS padding this
-    # tiny model fills the canvas past the report's end (docs/mini_recipe.md, "Where a report ends").
-    c.data.answer_padding = "eot"
     c.train.log_every = 50
     c.train.eval_every = 0
     c.train.checkpoint_every = 500

@@ -308,12 +308,15 @@ OPEN_FAMILIES = tuple(dict.fromkeys(q.family for q in OPEN_QUESTIONS))
 
 def caption(scene: Scene) -> str:
     """One sentence stating every attribute: modality, region, and each side's lesions with their
-    sizes, both sides always, e.g. "CT scan of the chest with one small lesion on the left side and
-    no lesions on the right side." (the stage-1 alignment captions; structured like `report`)."""
+    sizes, e.g. "CT scan of the chest with one small lesion on the left side and two large lesions
+    on the right side." (the stage-1 alignment captions)."""
     head = f"{_MODALITY_DISPLAY[scene.modality]} scan of the {scene.region}"
-    parts = [f"{_side_phrase([l.size for l in scene.lesions if l.side == side])[0]} on the {side} side"
-             for side in SIDES]
-    return f"{head} with {' and '.join(parts)}."
+    parts = []
+    for side in SIDES:
+        sizes = [l.size for l in scene.lesions if l.side == side]
+        if sizes:
+            parts.append(f"{_sizes_phrase(sizes)[0]} on the {side} side")
+    return f"{head} with {' and '.join(parts) if parts else 'no lesions'}."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,44 +338,45 @@ _ANATOMY = {
     "chest": "Both lungs and the heart are visible.",
     "abdomen": "The liver and both kidneys are visible.",
 }
+_NO_LESION_FORMS = ("No lesions are seen.", "There are no lesions.", "No lesion is visible.")
 _COUNT_FORMS = ("There {be} {n} {noun}.", "{N} {noun} {be} seen.")
 _SIDE_FORMS = ("On the {side} side there {be} {what}.", "The {side} side shows {what}.")
 _IMPRESSION = {True: "Impression: normal {r}.", False: "Impression: abnormal {r}."}
 REPORT_FIELDS = ("modality", "region", "count", "left", "right")
 
 
-def _side_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
-    """A side's lesions as a phrase of fixed length, whatever they are: ("one small and no large
-    lesion" | "no small and two large lesions" | ..., plural verb?)."""
-    counts = [sum(1 for z in sizes if z == size) for size in SIZES]
-    n = sum(counts)
-    words = [COUNT_WORDS[k] if k else "no" for k in counts]
-    return f"{words[0]} small and {words[1]} large {'lesion' if n == 1 else 'lesions'}", n != 1
+def _sizes_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
+    """("one small and one large lesion" | "two large lesions" | ..., plural verb?)."""
+    sizes = sorted(sizes, key=SIZES.index)
+    n = len(sizes)
+    if n == 1:
+        return f"one {sizes[0]} lesion", False
+    if len(set(sizes)) == 1:
+        return f"{COUNT_WORDS[n]} {sizes[0]} lesions", True
+    parts = [f"{COUNT_WORDS[sizes.count(z)]} {z}" for z in SIZES if z in sizes]
+    return " and ".join(parts) + " lesion" + ("s" if n > 2 else ""), n > 2
 
 
 def report(scene: Scene, rng: np.random.Generator) -> str:
-    """A structured findings report of `scene` (about 30-45 tokens with the demo tokenizer): the
-    study (modality, region), the anatomy seen, the lesion count, the left side's and the right
-    side's lesions with their sizes (both sides always, "no lesions" when clear), and an impression.
-    The wording varies with `rng` (one side form per report); `parse_report` reads it back.
-
-    Every report has the same sentences in the same order, and each finding a phrase of the same
-    length, whatever the scan shows: a masked diffusion sampler commits the sure template tokens
-    (".", "The", "side") first, so where a sentence or a phrase is longer for some findings than
-    for others, those tokens decide the findings before the image does (docs/mini_recipe.md,
-    "Structured reports")."""
+    """A findings report of `scene` (about 24-64 tokens with the demo tokenizer): the study
+    (modality, region), the anatomy seen, the lesion count and each side's lesions with their
+    sizes, and an impression. The wording varies with `rng`; `parse_report` reads it back."""
     pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
     out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
                                      r=scene.region),
            _ANATOMY[scene.region]]
     n = scene.count
-    noun, be = ("lesion", "is") if n == 1 else ("lesions", "are")
-    number = COUNT_WORDS[n] if n else "no"
-    out.append(pick(_COUNT_FORMS).format(be=be, n=number, N=number.capitalize(), noun=noun))
-    side_form = pick(_SIDE_FORMS)
-    for side in SIDES:
-        what, plural = _side_phrase([l.size for l in scene.lesions if l.side == side])
-        out.append(side_form.format(side=side, be="are" if plural else "is", what=what))
+    if n == 0:
+        out.append(pick(_NO_LESION_FORMS))
+    else:
+        noun, be = ("lesion", "is") if n == 1 else ("lesions", "are")
+        form = pick(_COUNT_FORMS)
+        out.append(form.format(be=be, n=COUNT_WORDS[n], N=COUNT_WORDS[n].capitalize(), noun=noun))
+        for side in SIDES:
+            sizes = [l.size for l in scene.lesions if l.side == side]
+            if sizes:
+                what, plural = _sizes_phrase(sizes)
+                out.append(pick(_SIDE_FORMS).format(side=side, be="are" if plural else "is", what=what))
     out.append(_IMPRESSION[n == 0].format(r=scene.region))
     return " ".join(out)
 
@@ -407,7 +411,7 @@ def parse_report(text: str) -> dict[str, Any]:
             sides[name] = (sum(k for _, k in sizes), tuple(sorted(z for z, k in sizes for _ in range(k))))
             continue
         if count is None:
-            if re.fullmatch(r"no lesions are seen|there are no lesions", sent):
+            if re.fullmatch(r"no lesions are seen|there are no lesions|no lesion is visible", sent):
                 count = 0
             else:
                 found = _COUNT_SENTENCE.fullmatch(sent)
@@ -636,7 +640,7 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
     """
     texts: list[str] = ["Describe the image briefly.", "yes no"]
     if reports:
-        texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values())
+        texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_NO_LESION_FORMS)
         texts += list(_COUNT_FORMS) + list(_SIDE_FORMS) + list(_IMPRESSION.values())
         texts += ["is are lesion lesions and a an", " ".join(REGIONS)]
     texts += [q.text for q in CLOSED_QUESTIONS] + [q.text for q in OPEN_QUESTIONS]

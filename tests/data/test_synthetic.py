@@ -1,5 +1,4 @@
 """The embedded synthetic medical-VQA set and the compact demo tokenizer."""
-import dataclasses
 import re
 from collections import Counter, defaultdict
 
@@ -259,22 +258,8 @@ def test_every_report_parses_back_to_its_scene_and_fits_24_to_64_tokens(tmp_path
         assert S.field_accuracy(text, scene) == 1.0
         lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
         forms.add(text.split(" ")[0])
-        # structured: six sentences whatever the scan, each side stated once, in one form
-        sentences = [x for x in text.split(". ")]
-        assert len(sentences) == 6, text
-        assert text.count("left side") == 1 and text.count("right side") == 1, text
-        assert text.index("left side") < text.index("right side")
-        assert ("The left side shows" in text) == ("The right side shows" in text), text
     assert 24 <= min(lengths) and max(lengths) <= 64, (min(lengths), max(lengths))
     assert len(forms) >= 3  # the wording varies
-
-
-def test_a_clear_scan_gets_the_same_sentences_as_an_abnormal_one():
-    rng = np.random.default_rng(0)
-    clear = S.report(_scene("ct", "chest"), rng)
-    assert clear.lower().count("no large lesions") == 2, clear  # both sides, each in its fixed-length phrase
-    assert clear.endswith("Impression: normal chest.")
-    assert S.parse_report(clear) == S.report_fields(_scene("ct", "chest"))
 
 
 def _scene(modality="ct", region="chest", lesions=()):
@@ -335,25 +320,11 @@ def test_report_dialogues_ask_follow_ups_about_the_same_scan():
 def test_captions_state_each_sides_lesions_with_sizes():
     lesion = lambda side, size: S.Lesion(0.3, 0.5, 0.1, side, size)  # noqa: E731
     scene = S.Scene("mri", "chest", (lesion("left", "small"), lesion("right", "large"), lesion("right", "small")))
-    assert S.caption(scene) == ("MRI scan of the chest with one small and no large lesion on the left side and one "
-                                "small and one large lesions on the right side.")
-    assert S.caption(S.Scene("ct", "brain", ())) == ("CT scan of the brain with no small and no large lesions on the "
-                                                     "left side and no small and no large lesions on the right side.")
+    assert S.caption(scene) == ("MRI scan of the chest with one small lesion on the left side and one small "
+                                "and one large lesion on the right side.")
+    assert S.caption(S.Scene("ct", "brain", ())) == "CT scan of the brain with no lesions."
     two = S.Scene("x-ray", "abdomen", (lesion("right", "large"), lesion("right", "large")))
-    assert S.caption(two) == ("X-ray scan of the abdomen with no small and no large lesions on the left side and no "
-                              "small and two large lesions on the right side.")
-
-
-def test_report_length_depends_on_the_wording_only(tmp_path):
-    """Given the wording, modality and region, every scan's report has the same number of tokens,
-    whatever its lesions (docs/mini_recipe.md, "Structured reports")."""
-    tok = S.load_demo_tokenizer(tmp_path, reports=True)
-    lengths = {}
-    for seed in range(300):
-        scene = dataclasses.replace(S.sample_scene(np.random.default_rng(seed)), modality="x-ray", region="chest")
-        text = S.report(scene, np.random.default_rng(0))  # one wording
-        lengths[len(tok(text, add_special_tokens=False)["input_ids"])] = text
-    assert len(lengths) == 1, lengths
+    assert S.caption(two) == "X-ray scan of the abdomen with two large lesions on the right side."
 
 
 def test_text_task_gives_the_scan_in_words_and_no_image():
