@@ -34,7 +34,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks.machine import describe_cpu  # noqa: E402
 from medv_jax import checkpoint  # noqa: E402
 from medv_jax.data import pipeline, synthetic  # noqa: E402
 from medv_jax.evaluate.vqa_scoring import VQAReference, score_vqa  # noqa: E402
@@ -70,17 +70,6 @@ def modes(refresh: int, threshold: float, patience: int, entropy: float) -> dict
         "dual+threshold": dict(cache=dual, selection=sel),
         "prefix+threshold+adaptive": dict(cache=prefix, selection=sel, adaptive_stop=stop),
     }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_config(path: str):
@@ -217,7 +206,7 @@ def main() -> None:
     configs = {m: base.replace(**all_modes[m]) for m in names}
 
     results = json.loads(Path(args.out).read_text()) if os.path.exists(args.out) else {}
-    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}"
+    machine = f"{describe_cpu()}, {jax.devices()[0].platform}"
     results.setdefault("meta", {}).update(
         machine=machine, jax=jax.__version__, checkpoint=args.checkpoint,
         sampler=f"L={args.gen_length} block={args.block_length} steps={args.steps}",

@@ -12,24 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from benchmarks.machine import describe_cpu  # noqa: E402
 
 
 def run_seed(seed: int, root: Path, folder: str, extra: list[str]) -> dict:
@@ -70,7 +61,7 @@ def main() -> None:
     root = Path(args.root).absolute()
     extra = [f"--set={o}" for o in args.overrides]
     rows = [row(s, run_seed(s, root, args.folder, extra)) for s in args.seeds]
-    meta = {"machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    meta = {"machine": describe_cpu(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "overrides": args.overrides}
     Path(args.out).write_text(json.dumps({"meta": meta, "seeds": rows}, indent=1))
     fields = list(rows[0]["per_field"])
