@@ -350,7 +350,9 @@ def collate(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int | None
 def padding_fraction(batch: Mapping[str, np.ndarray], pad_id: int) -> float:
     """Fraction of the batch's positions that are padding: the trailing run of `pad_id` of each
     row (training batches end every real sequence with a non-pad token: <|eot_id|> or the caption's
-    newline) plus filler rows. Log it to see the waste of a fixed T."""
+    newline) plus filler rows. Log it to see the waste of a fixed T. With rows padded by
+    <|eot_id|> (`BatchConfig.answer_padding = "eot"`) pass that id; each row's closing <|eot_id|>
+    then counts as padding too (one position per row)."""
     tokens = np.asarray(batch["tokens"])
     not_pad = tokens != pad_id
     last = np.where(not_pad.any(-1), tokens.shape[1] - 1 - np.argmax(not_pad[:, ::-1], axis=-1), -1)
