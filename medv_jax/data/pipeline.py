@@ -237,11 +237,16 @@ def _image_arrays(sample: conv.TokenizedSample, image: _Image, length: int, offs
     return index, weight, newline
 
 
+def answer_padding_id(config: BatchConfig, tokenizer: Any) -> int:
+    """The id that pads each row after its last turn (`BatchConfig.answer_padding`)."""
+    specials = tok_lib.special_token_ids(tokenizer)
+    return specials.eot if config.answer_padding == "eot" else specials.eos
+
+
 def encode_example(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig) -> dict[str, np.ndarray]:
     """One record -> the training arrays of one row (shapes [T], [T, 4], [C, S, S, 3]), right-padded
     with labelled EOS (or eot, `BatchConfig.answer_padding`). Raises SampleTooLongError (with the id) when it does not fit."""
     sid = conv.sample_id_of(record)
-    specials = tok_lib.special_token_ids(tokenizer)
     image = _load_image(record, config)
     n_img = None if image.layout is None else image.layout.num_tokens
     t = config.max_length
@@ -254,7 +259,7 @@ def encode_example(record: Mapping[str, Any], tokenizer: Any, config: BatchConfi
     n = len(sample)
     if n > t:
         raise SampleTooLongError(sid, f"{n} tokens exceed max_length {t}")
-    fill = specials.eot if config.answer_padding == "eot" else specials.eos
+    fill = answer_padding_id(config, tokenizer)
     tokens = np.full(t, fill, np.int32)
     labels = np.full(t, fill, np.int32)
     tokens[:n], labels[:n] = sample.input_ids, sample.labels

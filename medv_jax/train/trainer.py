@@ -267,6 +267,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     total_steps = t.num_steps or t.num_epochs * steps_per_epoch
     if total_steps <= 0:
         raise ValueError("train.num_steps / num_epochs give no steps")
+    local_batch = t.global_batch // n_proc
+    bcfg = batch_config(config, model_cfg, local_batch)  # checks the data fields before any weights exist
     groups = [tuple(g) for g in config.optim.param_groups]
     abstract_boxed = medv.abstract_params(model_cfg)
     trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)
@@ -281,8 +283,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     else:
         state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed)
         del params
-    local_batch = t.global_batch // n_proc
-    bcfg = batch_config(config, model_cfg, local_batch)
     loader = pipeline.make_loader(train_source, tokenizer, bcfg, seed=config.seed,
                                   worker_count=config.data.worker_count)
     it = iter(loader)
@@ -309,8 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                disable=jax.process_index() != 0)
     step = start_step
     last_loss = float("nan")
-    specials = tok_lib.special_token_ids(tokenizer)
-    pad_fill = specials.eot if bcfg.answer_padding == "eot" else specials.eos
+    pad_fill = pipeline.answer_padding_id(bcfg, tokenizer)
     # padding fraction of the batches (padding and filler rows): since the last log, and in all
     pad_window, pad_sum, pad_steps, n_tokens = [], 0.0, 0, 0
     t_loop = time.time()

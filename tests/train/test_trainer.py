@@ -120,6 +120,13 @@ def test_non_finite_loss_stops_with_step_and_ids(tmp_path):
     assert "non-finite loss" in result.stderr and "batch example ids: ['synth-train-" in result.stderr
 
 
+def test_bad_answer_padding_fails_before_any_weights_exist(tmp_path):
+    result = _run(tmp_path, "--config.data.answer_padding=pad", check=False)
+    assert result.returncode != 0
+    assert "answer_padding must be one of ('eos', 'eot'), got 'pad'" in result.stderr
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
 # The shortened demo: the demo's own model, initialisation, optimiser and data, on the two most
 # visible question families (open modality and region questions; chance ~1/3), for a few hundred
 # steps of half the demo's batch (CI time), with two seeds: a recipe that only one seed carries is
