@@ -391,7 +391,7 @@ def _held_out_loss(eval_loss, state, batches, mesh) -> float:
     return float(np.mean(values))
 
 
-def _generated_answers(config, model_cfg, params, tokenizer, test_source, bcfg):
+def generated_answers(config, model_cfg, params, tokenizer, test_source, bcfg):
     """Yields (example id, question, reference answer, answer type, generated text, answer tokens)
     for the first ``eval.num_examples`` test records, answered by the jitted sampler."""
     from medv_jax.sampling.diffusion import SamplerConfig
@@ -419,7 +419,7 @@ def evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg) ->
     parsed back into attributes and scored against its scan (``synthetic.field_accuracy``)."""
     t0, scores, n_tokens, examples = time.time(), [], 0, []
     per_field = {f: [] for f in synthetic.REPORT_FIELDS}
-    for qid, question, answer, _, text, n in _generated_answers(config, model_cfg, params, tokenizer,
+    for qid, question, answer, _, text, n in generated_answers(config, model_cfg, params, tokenizer,
                                                                 test_source, bcfg):
         scene = test_source.describe(int(qid.rsplit("-", 1)[1]))["scene"]
         correct = synthetic.fields_correct(text, scene)
@@ -447,7 +447,7 @@ def evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg) -> dic
     refs, preds, examples = [], {}, []
     t0 = time.time()
     n_tokens = 0
-    for qid, question, answer, answer_type, text, n in _generated_answers(config, model_cfg, params, tokenizer,
+    for qid, question, answer, answer_type, text, n in generated_answers(config, model_cfg, params, tokenizer,
                                                                           test_source, bcfg):
         n_tokens += n
         preds[qid] = text

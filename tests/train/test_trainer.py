@@ -167,7 +167,7 @@ def test_report_evaluation_scores_each_report_against_its_scan(monkeypatch):
             d = test_source.describe(i)
             yield f"synth-test-{i}", d["question"], d["answer"], "report", d["answer"] if i % 2 else "", 9
 
-    monkeypatch.setattr(trainer, "_generated_answers", answers)
+    monkeypatch.setattr(trainer, "generated_answers", answers)
     config = ml_collections.ConfigDict({"eval": {"show_examples": 1}})
     result = trainer.evaluate_reports(config, None, None, None, test, None)
     assert result["n_reports"] == 6 and result["field_accuracy"] == 50.0
