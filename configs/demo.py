@@ -3,11 +3,7 @@ scratch on the built-in synthetic medical-VQA set, on CPU, then evaluated with t
 
     python -m medv_jax.train --config=configs/demo.py
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config, tiny_from_scratch  # noqa: E402
+from medv_jax.train.presets import base_config, tiny_from_scratch
 
 
 def get_config():

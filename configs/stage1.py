@@ -7,11 +7,7 @@ global batch 32, lr 1e-3 (LLaDA-V recipe), caption format, starting from convert
     python -m medv_jax.train --config=configs/stage1.py --config.data.train_path=captions.json \\
         --config.data.image_root=images/ --config.tokenizer=~/hf/LLaDA-8B-Instruct
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config  # noqa: E402
+from medv_jax.train.presets import base_config
 
 
 def get_config():

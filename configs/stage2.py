@@ -4,11 +4,7 @@
     python -m medv_jax.train --config=configs/stage2.py --config.data.train_path=llava_med_instruct_60k.json \\
         --config.data.image_root=images/ --config.tokenizer=~/hf/LLaDA-8B-Instruct
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import finetune_config  # noqa: E402
+from medv_jax.train.presets import finetune_config
 
 
 def get_config():

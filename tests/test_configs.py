@@ -6,23 +6,47 @@ import pytest
 
 from medv_jax.train.optimizer import FROZEN, group_of
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py") if p.name != "common.py")
+ROOT = Path(__file__).resolve().parents[1]
+STAGE3_DATASETS = ("vqa_rad", "slake", "pathvqa")
+# (config file, argument of its get_config or None)
+CONFIGS = [(p, None) for p in sorted((ROOT / "configs").rglob("*.py")) if p.name != "stage3.py"]
+CONFIGS += [(ROOT / "configs" / "stage3.py", d) for d in STAGE3_DATASETS]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_builds(path):
-    config = runpy.run_path(str(path))["get_config"]()
+def _load(path, arg=None):
+    get_config = runpy.run_path(str(path))["get_config"]
+    return get_config() if arg is None else get_config(arg)
+
+
+@pytest.mark.parametrize("path,arg", CONFIGS, ids=lambda x: x.stem if isinstance(x, Path) else str(x))
+def test_config_builds(path, arg):
+    config = _load(path, arg)
     assert config.train.global_batch > 0 and config.optim.lr > 0
 
 
+def test_configs_load_from_any_folder(tmp_path, monkeypatch):
+    """Configs import their building blocks from the package, not from a neighbouring file."""
+    monkeypatch.chdir(tmp_path)
+    assert _load(ROOT / "configs" / "mini" / "stage2_instruct.py").data.task == "report"
+    assert _load(ROOT / "configs" / "stage3.py", "slake").train.num_epochs == 10
+
+
+def test_stage3_takes_the_dataset_as_its_argument():
+    epochs = {d: _load(ROOT / "configs" / "stage3.py", d).train.num_epochs for d in STAGE3_DATASETS}
+    assert epochs == {"vqa_rad": 2, "slake": 10, "pathvqa": 7}
+    with pytest.raises(ValueError, match="configs/stage3.py:vqa_rad"):
+        _load(ROOT / "configs" / "stage3.py", "vqarad")
+
+
 def _frozen(name, param):
-    config = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"))["get_config"]()
+    stem, _, arg = name.partition(":")
+    config = _load(ROOT / "configs" / f"{stem}.py", arg or None)
     return group_of(param, [tuple(g) for g in config.optim.param_groups]) == FROZEN
 
 
 def test_stage_freezing_follows_the_paper():
     assert _frozen("stage1", "lm/layers/attn/q_proj/kernel") and _frozen("stage1", "vision/pos_embed")
     assert not _frozen("stage1", "projector/fc1/kernel")
-    for stage in ("stage2", "stage3_vqa_rad", "stage3_slake", "stage3_pathvqa"):
+    for stage in ("stage2", "stage3:vqa_rad", "stage3:slake", "stage3:pathvqa"):
         assert _frozen(stage, "vision/layers/mlp/fc1/kernel")
         assert not _frozen(stage, "lm/embed_tokens/embedding") and not _frozen(stage, "projector/fc2/bias")

@@ -6,11 +6,7 @@ model learns the reports' language and to carry facts from its context into them
     python -m medv_jax.train.chain configs/mini/ --workdir=workdir/mini     (all stages)
     python -m medv_jax.train --config=configs/mini/stage0_text.py           (this stage alone)
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mini_base import LM_ONLY, mini_config  # noqa: E402
+from medv_jax.train.presets import LM_ONLY, mini_config
 
 
 def get_config():

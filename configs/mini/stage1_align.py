@@ -9,16 +9,12 @@ caption loss stalls near 1.0 and the tower never learns the lesions (report fiel
 stage 2: count 34 %, each side 26-33 %, benchmarks/RESULTS.md "Miniature recipe"). So every part
 trains in this stage; stages 2 and 3 freeze the tower as the paper does.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mini_base import ROOT, mini_config  # noqa: E402
+from medv_jax.train.presets import MINI_ROOT, mini_config
 
 
 def get_config():
     c = mini_config("stage1_align")
-    c.init_from = f"{ROOT}/stage0_text/model"
+    c.init_from = f"{MINI_ROOT}/stage0_text/model"
     c.data.task = "caption"
     c.data.text_format = "caption"
     c.data.max_length = 48

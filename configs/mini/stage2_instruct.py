@@ -8,16 +8,12 @@ captions, and frozen it leaves the lesion findings short (field accuracy 62.8 % 
 with the tower training on, from the same stage-1 model; benchmarks/RESULTS.md "Miniature
 recipe"), so it trains in this stage too; stage 3 freezes it.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mini_base import ROOT, mini_config  # noqa: E402
+from medv_jax.train.presets import MINI_ROOT, mini_config
 
 
 def get_config():
     c = mini_config("stage2_instruct")
-    c.init_from = f"{ROOT}/stage1_align/model"
+    c.init_from = f"{MINI_ROOT}/stage1_align/model"
     c.data.task = "report"
     c.data.turns = 2
     c.data.max_length = 120

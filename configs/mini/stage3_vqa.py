@@ -2,16 +2,12 @@
 set's closed and open questions of every family, language model and projector, vision frozen;
 scored as LLaVA-Med scores VQA (closed accuracy, open recall).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mini_base import LM_AND_PROJECTOR, ROOT, mini_config  # noqa: E402
+from medv_jax.train.presets import LM_AND_PROJECTOR, MINI_ROOT, mini_config
 
 
 def get_config():
     c = mini_config("stage3_vqa")
-    c.init_from = f"{ROOT}/stage2_instruct/model"
+    c.init_from = f"{MINI_ROOT}/stage2_instruct/model"
     c.data.task = "vqa"
     c.data.closed_fraction = 0.5
     c.data.max_length = 48

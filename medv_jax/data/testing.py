@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from medv_jax.data import tokenizer as tok_lib
 
 # Special tokens of the release at their ids. 126084..126339 are reserved tokens except the mask.
-_NAMED_SPECIALS: dict[int, str] = {
+_NAMED_CONTROL_TOKENS: dict[int, str] = {
     126080: tok_lib.BOS_TOKEN,
     126081: tok_lib.EOS_TOKEN,
     126082: "[CLS]",
@@ -41,15 +41,15 @@ _NAMED_SPECIALS: dict[int, str] = {
     126347: tok_lib.END_HEADER_TOKEN,
     126348: tok_lib.EOT_TOKEN,
 }
-FIRST_SPECIAL_ID = 126080
+FIRST_CONTROL_ID = 126080
 LAST_TOKEN_ID = 126348  # the release uses ids 0..126348
 
 
 def special_tokens() -> dict[int, str]:
     """All special tokens of the release, id -> string (reserved ones included)."""
     out = {}
-    for i in range(FIRST_SPECIAL_ID, LAST_TOKEN_ID + 1):
-        out[i] = _NAMED_SPECIALS.get(i, f"<|reserved_token_{i - 126084}|>")
+    for i in range(FIRST_CONTROL_ID, LAST_TOKEN_ID + 1):
+        out[i] = _NAMED_CONTROL_TOKENS.get(i, f"<|reserved_token_{i - 126084}|>")
     return out
 
 
@@ -75,7 +75,7 @@ DEFAULT_WORDS: tuple[str, ...] = tuple(
 def compact_special_tokens() -> list[str]:
     """The named special tokens (no reserved ones) in id order: what a compact tokenizer
     (`build_test_tokenizer(..., special_ids_base=...)`) places at consecutive ids."""
-    return [_NAMED_SPECIALS[i] for i in sorted(_NAMED_SPECIALS)]
+    return [_NAMED_CONTROL_TOKENS[i] for i in sorted(_NAMED_CONTROL_TOKENS)]
 
 
 def _byte_alphabet() -> list[str]:
@@ -168,12 +168,12 @@ def build_test_tokenizer(
     for piece in _byte_alphabet() + _word_forms(words):
         if piece not in vocab:
             vocab[piece] = len(vocab)
-    if len(vocab) >= FIRST_SPECIAL_ID:
+    if len(vocab) >= FIRST_CONTROL_ID:
         raise ValueError(f"too many words: {len(vocab)} ids collide with the special ids")
     if fill_vocab and special_ids_base is not None:
         raise ValueError("fill_vocab and special_ids_base exclude each other")
     if fill_vocab:
-        for i in range(len(vocab), FIRST_SPECIAL_ID):
+        for i in range(len(vocab), FIRST_CONTROL_ID):
             vocab[f"<|placeholder_{i}|>"] = i
     if special_ids_base is None:
         specials = special_tokens()

@@ -22,7 +22,7 @@ EOT_TOKEN = "<|eot_id|>"  # end of turn; the sampler's stop token
 
 # Ids in the released LLaDA-8B / LLaDA-V tokenizer. Documentation and test expectations only:
 # runtime code reads the ids from the tokenizer with `special_token_ids`.
-SPEC_SPECIAL_IDS: dict[str, int] = {
+RELEASED_CONTROL_IDS: dict[str, int] = {
     "bos": 126080,
     "eos": 126081,
     "pad": 126081,

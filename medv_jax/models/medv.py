@@ -30,7 +30,7 @@ from medv_jax.models import layers, llada, siglip
 from medv_jax.models.layers import Array
 from medv_jax.models.projector import Projector
 
-IMAGE_ASPECT_RATIOS = ("square", "pad", "anyres_max_4")
+IMAGE_FIT_MODES = ("square", "pad", "anyres_max_4")
 
 # LLaVA-OneVision's grid pinpoints for anyres_max_*: every (rows, cols) grid of 384-pixel crops
 # from 1x1 to 6x6, written as (width, height) pixels.
@@ -49,7 +49,7 @@ class MedVConfig:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_GRID_PINPOINTS
 
     def __post_init__(self):
-        layers.check_choice(self.image_aspect_ratio, IMAGE_ASPECT_RATIOS, "image_aspect_ratio")
+        layers.check_choice(self.image_aspect_ratio, IMAGE_FIT_MODES, "image_aspect_ratio")
 
     @property
     def use_image_newline(self) -> bool:

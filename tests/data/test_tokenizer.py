@@ -11,7 +11,7 @@ from medv_jax.data import tokenizer as tok_lib
 def test_special_ids_read_from_tokenizer_match_spec(tokenizer):
     ids = tok_lib.special_token_ids(tokenizer)
     # docs/algorithm.md §1 values; runtime code never hard-codes them.
-    assert ids.bos == tok_lib.SPEC_SPECIAL_IDS["bos"] == 126080
+    assert ids.bos == tok_lib.RELEASED_CONTROL_IDS["bos"] == 126080
     assert ids.eos == ids.pad == 126081
     assert ids.mask == 126336
     assert (ids.start_header, ids.end_header, ids.eot) == (126346, 126347, 126348)
@@ -48,7 +48,7 @@ def test_text_round_trips_and_words_are_single_tokens(tokenizer):
     assert tok_lib.encode(tokenizer, "yes<|eot_id|>") == [tokenizer.convert_tokens_to_ids("yes"), 126348]
     assert tok_lib.encode(tokenizer, "") == []
     # ordinary ids stay below the special range
-    assert max(tok_lib.encode(tokenizer, text)) < testing.FIRST_SPECIAL_ID
+    assert max(tok_lib.encode(tokenizer, text)) < testing.FIRST_CONTROL_ID
 
 
 def test_fill_vocab_has_release_size(tmp_path):

@@ -1,4 +1,6 @@
-"""Fields every training config shares; each config file starts from ``base_config()``."""
+"""Building blocks of the shipped training configs (configs/*.py, configs/mini/*.py): the fields every
+config shares (``base_config``), the paper's fine-tuning stages, the tiny from-scratch model, and the
+miniature recipe's stage settings. Configs import them from here, so they load from any folder."""
 import ml_collections
 
 
@@ -163,3 +165,29 @@ def tiny_from_scratch(c: ml_collections.ConfigDict, vocab_size: int) -> ml_colle
     c.optim.param_groups = []  # everything trains from scratch
     c.mesh = (1, -1, 1)
     return c
+
+
+# ------------------------------------------------------------------------------------------------
+# The miniature recipe (configs/mini/)
+
+MINI_ROOT = "workdir/mini"
+
+
+def mini_config(stage: str):
+    """The demo's from-scratch model and optimizer (tiny_from_scratch) with the
+    findings reports' tokenizer; `stage` names the workdir (workdir/mini/<stage>)."""
+    c = tiny_from_scratch(base_config(), vocab_size=768)
+    c.workdir = f"{MINI_ROOT}/{stage}"
+    c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)
+    c.data.test_size = 200
+    c.train.log_every = 50
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 500
+    c.train.ce_chunk = 128
+    return c
+
+
+# Parameter groups (regex over "part/.../name" paths; None = frozen). Frozen parts get no
+# optimizer state and, unlike parts that merely receive no gradient, no weight decay either.
+LM_ONLY = [("^vision/", None), ("^projector/", None), ("^image_newline", None)]
+LM_AND_PROJECTOR = [("^vision/", None)]
