@@ -50,7 +50,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     config = load_config_file(file, path.split(":", 1)[1] if ":" in path else None)
     for field in fields:
         check_field(config, field, f"--config.{field}")
-    flags.FLAGS.unparse_flags()  # parsed afresh on each call (one process may train twice)
+    # Parsed afresh on each call (one process may train twice): the override flags an earlier
+    # parse registered go first.
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -75,10 +79,14 @@ def _train(argv):
 
 def main(argv: Sequence[str] | None = None) -> int:
     def run(args: list[str]) -> int:
+        command = [command_name(COMMAND), *args]
+        saved, sys.argv = sys.argv, command  # config_flags reads its overrides from sys.argv
         try:
-            app.run(_train, argv=[command_name(COMMAND), *args], flags_parser=parse_flags)
+            app.run(_train, argv=command, flags_parser=parse_flags)
         except SystemExit as e:  # app.run ends in sys.exit
             return e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = saved
         return 0
 
     return run_command(run, argv, COMMAND, user_errors=(ValueError,))
