@@ -252,14 +252,30 @@ def test_train_in_a_real_process_names_the_field_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_help_states_each_default_once(capsys):
-    for main in (generate.main, infer.main):
-        with pytest.raises(SystemExit):
-            main(["--help"])
-        text = capsys.readouterr().out
-        for paragraph in text.split("\n  -"):
-            assert paragraph.lower().count("default") <= 1, paragraph
-        assert "--dicom_window" in text and "--allow_tokenizer_mismatch" in text
+def test_help_states_each_default_once():
+    from medv_jax.serve import cli as serve_cli
+
+    for parser in (generate.build_parser(), infer.build_parser(), serve_cli.build_parser()):
+        text = parser.format_help()
+        flags = text.split("\n  -")[1:]
+        assert len(flags) > 20
+        for flag in flags:
+            assert flag.lower().count("default") <= 1, flag
+        assert "--debug" in text and "--allow_tokenizer_mismatch" in text
+    assert "--dicom_window" in generate.build_parser().format_help()
+
+
+def test_usage_names_the_module_the_user_ran(monkeypatch):
+    from medv_jax.user_errors import command_name
+
+    for path, module in (("medv_jax/generate.py", "medv_jax.generate"),
+                         ("medv_jax/sampling/generate.py", "medv_jax.sampling.generate"),
+                         ("medv_jax/train/__main__.py", "medv_jax.train"),
+                         ("tools/convert_weights/__main__.py", "tools.convert_weights")):
+        monkeypatch.setattr(sys, "argv", [str(REPO / path)])
+        assert command_name(module.split(".")[0] + ".x") == f"python -m {module}"
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert command_name("medv_jax.infer") == "python -m medv_jax.infer"
 
 
 def test_a_mismatched_tokenizer_is_allowed_when_asked(world):

@@ -63,6 +63,7 @@ def add_generation_arguments(
     from medv_jax.sampling.diffusion import SamplerConfig
 
     cli.add_model_args(parser)
+    cli.add_image_args(parser)
     cli.add_sampler_args(
         parser, SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps)
     )

@@ -31,11 +31,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="tokenizer folder (loaded with transformers.AutoTokenizer; a LLaDA-MedV download has one)",
     )
-    g.add_argument(
-        "--allow_tokenizer_mismatch",
-        action="store_true",
-        help="use --tokenizer even where its special ids differ from those in the checkpoint's config.json",
-    )
+    add_tokenizer_mismatch_arg(g)
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     g.add_argument(
@@ -51,6 +47,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--question_suffix",
         default="",
         help='appended to every question (the reference VQA demo uses " Answer concisely in English.")',
+    )
+
+
+def add_tokenizer_mismatch_arg(group: Any) -> None:
+    group.add_argument(
+        "--allow_tokenizer_mismatch",
+        action="store_true",
+        help="use --tokenizer even where its special ids differ from those in the checkpoint's config.json",
     )
 
 

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", default=None, help=f"converted checkpoint folder (default: {DEMO_WORKDIR}/model)")
     g.add_argument("--tokenizer", default=None, help=f"tokenizer folder (default: {DEMO_WORKDIR}/tokenizer)")
+    sampling_cli.add_tokenizer_mismatch_arg(g)
     g.add_argument(
         "--system_prompt",
         default=None,
@@ -116,7 +117,8 @@ def _serve(argv: list[str]) -> int:
     system_prompt = args.system_prompt or (DEMO_SYSTEM_PROMPT if is_demo else "medical")
     # Everything but the weights is checked before anything heavy loads.
     sampling_cli.open_model(argparse.Namespace(
-        checkpoint=checkpoint, tokenizer=tokenizer, param_dtype=args.param_dtype, dtype=args.dtype))
+        checkpoint=checkpoint, tokenizer=tokenizer, param_dtype=args.param_dtype, dtype=args.dtype,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch))
 
     try:
         from medv_jax.serve import app as app_lib  # imports gradio (telemetry off)
@@ -134,6 +136,7 @@ def _serve(argv: list[str]) -> int:
         param_dtype=args.param_dtype,
         dtype=args.dtype,
         attention_impl=args.attention_impl,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
     )
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s")
     engine = eng.Engine(model, prompt_bucket=args.prompt_bucket)

@@ -92,6 +92,7 @@ def load_model(
     param_dtype: str | None = None,
     dtype: str | None = None,
     attention_impl: str | None = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> Model:
     """Load a converted checkpoint and its tokenizer (``medv_jax.sampling.cli.load_model``)."""
     args = argparse.Namespace(
@@ -100,6 +101,7 @@ def load_model(
         param_dtype=param_dtype,
         dtype=dtype,
         attention_impl=attention_impl,
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch,
     )
     config, params, tok = cli.load_model(args)
     image_config = mm.image_config_for(config) if isinstance(config, MedVConfig) else None

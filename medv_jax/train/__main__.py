@@ -42,6 +42,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     from medv_jax.train.chain import check_field, load_config_file
 
     path, fields = config_flag_values(argv[1:])
+    if any(arg.split("=")[0] in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        return flags.FLAGS(argv)  # absl prints the help
     if not path:
         raise UserError("--config is not set: give a config file, e.g. --config=configs/demo.py")
     file = path.split(":", 1)[0]  # a config file may take an argument: FILE:ARG
@@ -79,8 +81,9 @@ def _train(argv):
 
 def main(argv: Sequence[str] | None = None) -> int:
     def run(args: list[str]) -> int:
-        command = [command_name(COMMAND), *args]
-        saved, sys.argv = sys.argv, command  # config_flags reads its overrides from sys.argv
+        saved = sys.argv
+        command = [saved[0] if saved else command_name(COMMAND), *args]
+        sys.argv = command  # config_flags reads its overrides from sys.argv
         try:
             app.run(_train, argv=command, flags_parser=parse_flags)
         except SystemExit as e:  # app.run ends in sys.exit
