@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from medv_jax.models import llada, medv, siglip
+from medv_jax.user_errors import UserError
 
 Config = Union[llada.LLaDAConfig, siglip.SiglipConfig, medv.MedVConfig]
 
@@ -93,6 +94,44 @@ def save_pretrained(path: str | os.PathLike, config: Config, params: Any, overwr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def is_hugging_face_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a Hugging Face model (its config.json names a model_type or
+    architectures, or it has safetensors / PyTorch weight files)."""
+    file = folder / CONFIG_FILE
+    if file.is_file():
+        try:
+            data = json.loads(file.read_text())
+        except ValueError:
+            return False
+        if isinstance(data, dict) and "kind" not in data and ("model_type" in data or "architectures" in data):
+            return True
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def check_converted(path: str | os.PathLike, flag: str = "--checkpoint") -> Config:
+    """The config of the converted checkpoint at ``path``, read without loading any weights; a
+    UserError naming ``flag`` and what to do when ``path`` is missing, a Hugging Face download
+    (with the command that converts it) or anything else that is not a converted checkpoint."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{flag} {os.fspath(path)!r}: no such folder")
+    if is_hugging_face_folder(folder) and not (folder / PARAMS_DIR).is_dir():
+        dst = f"{os.fspath(path).rstrip(os.sep)}-medv_jax"
+        raise UserError(
+            f"{flag} {os.fspath(path)!r} is a Hugging Face checkpoint, not a converted one: convert it with "
+            f"python -m tools.convert_weights --src {os.fspath(path)} --dst {dst} and pass {flag} {dst}"
+        )
+    if not (folder / CONFIG_FILE).is_file() or not (folder / PARAMS_DIR).is_dir():
+        raise UserError(
+            f"{flag} {os.fspath(path)!r} is not a converted checkpoint (it needs {CONFIG_FILE} and {PARAMS_DIR}/): "
+            "give the folder python -m tools.convert_weights or python -m medv_jax.train wrote"
+        )
+    try:
+        return load_config(folder)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{flag} {os.fspath(path)!r}: unreadable {CONFIG_FILE} ({e})") from None
 
 
 def load_config(path: str | os.PathLike) -> Config:

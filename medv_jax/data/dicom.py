@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from medv_jax.data.image_io import ImageReadError, rescale_to_uint8
+from medv_jax.user_errors import UserError
 
 # Common radiology display windows as (center, width), in Hounsfield units.
 NAMED_WINDOWS: dict[str, tuple[float, float]] = {
@@ -35,11 +36,34 @@ NAMED_WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
 }
 Window = str | tuple[float, float] | None
+WINDOW_CHOICES = ("auto", "full", *NAMED_WINDOWS)
+
+
+def parse_window(text: str | None, where: str = "DICOM window") -> Window:
+    """A window as a user types it: 'auto' (or empty: the file's own), 'full', a name from
+    NAMED_WINDOWS, or 'center,width' numbers. A UserError names ``where`` otherwise."""
+    if text is None or text == "" or text == "auto":
+        return None
+    if text in WINDOW_CHOICES:
+        return text
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        center, width = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise UserError(
+            f"{where} {text!r}: choose one of {list(WINDOW_CHOICES)} or type 'center,width' (e.g. 40,400)"
+        ) from None
+    if not width > 0:
+        raise UserError(f"{where} {text!r}: width must be positive")
+    return (center, width)
 
 
 def _import_pydicom():
     try:
         import pydicom
+        import pydicom.errors
         import pydicom.pixels  # noqa: F401  (pydicom >= 3)
     except ImportError as e:
         raise ImportError(
@@ -130,7 +154,9 @@ def _colour_to_uint8(pydicom: Any, ds: Any, arr: np.ndarray) -> np.ndarray:
     return rescale_to_uint8(arr, 0, top)
 
 
-def read_dicom(path: str | os.PathLike[str], *, window: Window = None, frame: int | None = None) -> Image.Image:
+def read_dicom(
+    path: str | os.PathLike[str], *, window: Window = None, frame: int | None = None, force: bool = False
+) -> Image.Image:
     """One frame of a DICOM file as an 8-bit RGB PIL image.
 
     Args:
@@ -139,11 +165,17 @@ def read_dicom(path: str | os.PathLike[str], *, window: Window = None, frame: in
         or (center, width) in modality units.
       frame: frame of a multi-frame file (default: the middle one, the most representative slice of
         a volume); negative counts from the end.
+      force: read a file without the DICOM file header (the 'DICM' preamble) as DICOM anyway.
     """
     pydicom = _import_pydicom()
     path = os.fspath(path)
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, force=force)
+    except pydicom.errors.InvalidDicomError:
+        raise ImageReadError(
+            f"{path!r} has no DICOM file header (the 'DICM' preamble): if it is a headerless DICOM file, "
+            "read it anyway with --dicom_force; otherwise give a PNG/JPEG or a complete DICOM file"
+        ) from None
     except Exception as e:  # pydicom raises many types for malformed files
         raise ImageReadError(f"cannot read DICOM file {path!r}: {e}") from e
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):

@@ -106,6 +106,7 @@ def preprocess_image(
     high_bit_depth: image_io.HighBitDepth = "minmax",
     dicom_window: str | tuple[float, float] | None = None,
     dicom_frame: int | None = None,
+    dicom_force: bool = False,
 ) -> PreprocessedImage:
     """Loads `source` (path incl. .dcm, PIL image or uint8 array) and preprocesses it.
 
@@ -116,6 +117,10 @@ def preprocess_image(
     """
     config = mode if isinstance(mode, ImageConfig) else ImageConfig.for_mode(mode)
     img = image_io.load_image(
-        source, high_bit_depth=high_bit_depth, dicom_window=dicom_window, dicom_frame=dicom_frame
+        source,
+        high_bit_depth=high_bit_depth,
+        dicom_window=dicom_window,
+        dicom_frame=dicom_frame,
+        dicom_force=dicom_force,
     )
     return preprocess_pil(img, config)

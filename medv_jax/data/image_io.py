@@ -74,11 +74,12 @@ def load_image(
     high_bit_depth: HighBitDepth = "minmax",
     dicom_window: str | tuple[float, float] | None = None,
     dicom_frame: int | None = None,
+    dicom_force: bool = False,
 ) -> Image.Image:
     """Opens `source` (a path, a PIL image or an HxW / HxWxC uint8 array) as 8-bit RGB.
 
     `.dcm` files (or files with the DICOM magic) go through `medv_jax.data.dicom.read_dicom` with
-    `dicom_window` / `dicom_frame`. Unreadable or undecodable files raise ImageReadError naming
+    `dicom_window` / `dicom_frame` / `dicom_force`. Unreadable or undecodable files raise ImageReadError naming
     the file.
     """
     if isinstance(source, Image.Image):
@@ -89,7 +90,7 @@ def load_image(
     if _is_dicom_path(path):
         from medv_jax.data import dicom  # pydicom is optional
 
-        return dicom.read_dicom(path, window=dicom_window, frame=dicom_frame)
+        return dicom.read_dicom(path, window=dicom_window, frame=dicom_frame, force=dicom_force)
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so truncated files fail here, with the name

@@ -73,7 +73,7 @@ def read_split(spec: str, data_dir: str | None = None) -> list[dict[str, Any]]:
 
     name, split = parse_spec(spec)
     b = builders.builder(name, data_dir)
-    if not b.is_prepared():
+    if not builders.is_built(b):
         raise FileNotFoundError(
             f"dataset {name} is not built in {b.data_dir}; build it from the release with "
             f"`python -m medv_jax.data.tfds build {name} --manual_dir DIR"

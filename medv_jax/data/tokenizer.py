@@ -8,9 +8,12 @@ so a different (e.g. the small test) tokenizer works unchanged. The ids of the r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Iterator
+
+from medv_jax.user_errors import UserError
 
 # Token strings of the LLaDA tokenizer (docs/algorithm.md §1).
 BOS_TOKEN = "<|startoftext|>"  # written by the chat template before the first message only
@@ -81,18 +84,49 @@ def special_token_ids(tokenizer: Any) -> SpecialTokenIds:
     )
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[Any]:
+    """Imports transformers without its advice for model users (we use it for tokenizers only:
+    "PyTorch was not found" on an install without torch is not news to us) and, inside the
+    block, without its warnings (a LLaDA-V folder's config.json names the multimodal model type,
+    which AutoTokenizer reads and warns about though the tokenizer itself loads as it should)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers  # heavy import, only where a tokenizer is loaded
+
+    logging = transformers.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield transformers
+    finally:
+        logging.set_verbosity(level)
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """Loads the tokenizer in the local folder `path` through `transformers.AutoTokenizer`.
 
     Never reaches a hub (`local_files_only`); fails early when a LLaDA special token is missing.
     """
-    from transformers import AutoTokenizer  # heavy import, only where a tokenizer is loaded
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    with quiet_transformers() as transformers:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     special_token_ids(tokenizer)  # validate
     return tokenizer
+
+
+def open_tokenizer(path: str, flag: str = "--tokenizer") -> Any:
+    """`load_tokenizer` of a user-given folder; a UserError naming `flag` when it is missing or
+    holds no LLaDA tokenizer."""
+    full = os.path.expanduser(path)
+    if not path or not os.path.isdir(full):
+        raise UserError(f"{flag} {path!r}: no such folder; give the tokenizer folder (e.g. the LLaDA-MedV download)")
+    try:
+        return load_tokenizer(full)
+    except KeyError as e:
+        raise UserError(f"{flag} {path!r} is not a LLaDA tokenizer: {e.args[0]}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{flag} {path!r}: cannot load a tokenizer from it ({e})") from None
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

@@ -12,7 +12,8 @@ Subcommands:
 
 To add a subcommand, write its ``add_arguments(parser)`` and ``run(args) -> exit code`` functions
 (in any module) and append a :class:`Subcommand` to :data:`SUBCOMMANDS`. ``run`` may raise
-ValueError or OSError for bad input; :func:`main` prints those as one ``error:`` line, exit code 2.
+UserError, ValueError or OSError for bad input; :func:`main` prints those as one ``error:`` line,
+exit code 2 (``--debug``: with the traceback).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from medv_jax.evaluate.vqa_scoring import (
     predictions_from_records,
     score_vqa,
 )
+from medv_jax.user_errors import CommandParser, UserError, command_name, run_command
+
+COMMAND = "medv_jax.evaluate"
 
 __all__ = ["Subcommand", "SUBCOMMANDS", "build_parser", "main", "write_json"]
 
@@ -80,7 +84,11 @@ def _run_vqa(args: argparse.Namespace) -> int:
         references = references_from_records(read_split(args.tfds, args.tfds_data_dir), where=args.references)
     else:
         references = load_references(args.references)
+    if not references:
+        raise UserError(f"--references {args.references}: no questions in it; give the test questions file")
     prediction_records = load_records(args.predictions)
+    if not prediction_records:
+        raise UserError(f"--predictions {args.predictions}: no answers in it; give the answers file infer wrote")
     predictions = predictions_from_records(prediction_records, where=args.predictions)
     scores = score_vqa(references, predictions, allow_missing=args.allow_missing)
     print(format_vqa_table(scores))
@@ -120,10 +128,12 @@ def _run_names(paths: Sequence[str]) -> list[str]:
 
 
 def _run_lengths(args: argparse.Namespace) -> int:
-    runs = {
-        name: length_stats(load_records(path))
-        for name, path in zip(_run_names(args.answers), args.answers)
-    }
+    runs = {}
+    for name, path in zip(_run_names(args.answers), args.answers):
+        records = load_records(path)
+        if not records:
+            raise UserError(f"--answers {path}: no answers in it")
+        runs[name] = length_stats(records)
     print(format_length_table(runs))
     if args.output:
         write_json(
@@ -156,9 +166,7 @@ SUBCOMMANDS: list[Subcommand] = [
 
 
 def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medv_jax.evaluate", description="LLaDA-MedV evaluation."
-    )
+    parser = CommandParser(prog=command_name(COMMAND), description="LLaDA-MedV evaluation.")
     commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     for command in subcommands:
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
@@ -169,12 +177,12 @@ def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.Ar
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
+
+    def run(argv: list[str]) -> int:
+        args = build_parser().parse_args(argv)
         return args.run(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    return run_command(run, argv, COMMAND, user_errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

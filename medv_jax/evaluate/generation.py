@@ -1,7 +1,7 @@
 """Answer generation for the evaluation commands, through ``medv_jax.sampling.infer``.
 
 The evaluation commands do not run a batch loop of their own: they write the questions as an
-infer question file in the run folder and call :func:`medv_jax.sampling.infer.main` in process, so
+infer question file in the run folder and call :func:`medv_jax.sampling.infer.run` in process, so
 the answers (``RUN_DIR/answers.jsonl``), its resume rules and its fixed-shape batching are exactly
 those of ``python -m medv_jax.sampling.infer``. Model and sampler flags are declared with the
 shared helpers of :mod:`medv_jax.sampling.cli` and forwarded to infer by walking infer's own
@@ -63,6 +63,7 @@ def add_generation_arguments(
     from medv_jax.sampling.diffusion import SamplerConfig
 
     cli.add_model_args(parser)
+    cli.add_image_args(parser)
     cli.add_sampler_args(
         parser, SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps)
     )
@@ -157,9 +158,12 @@ def generate_answers(
     """Answer ``rows`` into ``run_dir/answers.jsonl`` with infer (resuming), timing the call.
 
     Returns ``{"answered": new answers, "wall_seconds": ..., "total": answers on file}``.
-    Raises ValueError when infer fails as a whole."""
-    from medv_jax.sampling import infer
+    Raises UserError, before anything is written, for a mistake in the questions or the model
+    flags, and ValueError when infer fails as a whole."""
+    from medv_jax.sampling import cli, infer
 
+    infer.checked_questions(((i, dict(r), "") for i, r in enumerate(rows)), "questions")
+    cli.open_model(args)  # a wrong checkpoint or tokenizer leaves no run folder behind
     os.makedirs(run_dir, exist_ok=True)
     question_file = os.path.join(run_dir, QUESTIONS)
     answers_file = os.path.join(run_dir, ANSWERS)
@@ -170,7 +174,7 @@ def generate_answers(
         print(f"{run_dir}: all {len(wanted)} questions already answered", file=sys.stderr)
         return {"answered": 0, "wall_seconds": 0.0, "total": len(before)}
     started = time.perf_counter()
-    code = infer.main(infer_argv(args, question_file, answers_file, overrides))
+    code = infer.run(infer.build_parser().parse_args(infer_argv(args, question_file, answers_file, overrides)))
     wall = time.perf_counter() - started
     if code != 0:
         raise ValueError(f"inference into {answers_file} failed (infer exit status {code})")

@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Any, Sequence
 
+from medv_jax.data.dicom import WINDOW_CHOICES
 from medv_jax.models.layers import ATTENTION_CHOICES
 from medv_jax.models.llada import LLaDAConfig
 from medv_jax.models.medv import MedVConfig
@@ -16,7 +17,8 @@ from medv_jax.sampling.diffusion import (
     SamplerConfig,
     ThresholdSelection,
 )
-from medv_jax.sampling.multimodal import SYSTEM_PROMPTS, with_tokenizer_ids
+from medv_jax.sampling.multimodal import SYSTEM_PROMPTS, tokenizer_id_mismatches, with_tokenizer_ids
+from medv_jax.user_errors import UserError
 
 MASK_PLACEHOLDER = "_"
 
@@ -29,6 +31,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="tokenizer folder (loaded with transformers.AutoTokenizer; a LLaDA-MedV download has one)",
     )
+    add_tokenizer_mismatch_arg(g)
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     g.add_argument(
@@ -45,6 +48,48 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default="",
         help='appended to every question (the reference VQA demo uses " Answer concisely in English.")',
     )
+
+
+def add_tokenizer_mismatch_arg(group: Any) -> None:
+    group.add_argument(
+        "--allow_tokenizer_mismatch",
+        action="store_true",
+        help="use --tokenizer even where its special ids differ from those in the checkpoint's config.json",
+    )
+
+
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("DICOM images")
+    g.add_argument(
+        "--dicom_window",
+        default="auto",
+        metavar="|".join(WINDOW_CHOICES) + "|CENTER,WIDTH",
+        help="display window of a DICOM image: auto (the file's own, default), full range, a named "
+        "window, or center,width in modality units (e.g. 40,400)",
+    )
+    g.add_argument("--dicom_frame", type=int, default=None, help="frame of a multi-frame DICOM file (default: the middle one)")
+    g.add_argument(
+        "--dicom_force", action="store_true", help="read a file without the DICOM header preamble as DICOM anyway"
+    )
+
+
+def image_options(args: argparse.Namespace) -> dict[str, Any]:
+    """preprocess_image's DICOM keyword arguments from add_image_args' flags (checked)."""
+    from medv_jax.data.dicom import parse_window
+
+    return dict(
+        dicom_window=parse_window(args.dicom_window, "--dicom_window"),
+        dicom_frame=args.dicom_frame,
+        dicom_force=args.dicom_force,
+    )
+
+
+def question_text(text: str, where: str = "--question") -> str:
+    """The question without ``<image>`` and outer whitespace; a UserError when nothing is left."""
+    question = text.replace("<image>", "").strip()
+    if not question:
+        raise UserError(f"{where} is empty{' (only <image>)' if text.strip() else ''}: write the question")
+    return question
 
 
 def add_sampler_args(parser: argparse.ArgumentParser, defaults: SamplerConfig = SamplerConfig()) -> None:
@@ -160,15 +205,45 @@ def sampler_summary(config: SamplerConfig, seed: int) -> dict:
     }
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(config with the tokenizer's special ids, params, tokenizer)."""
+def open_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(checkpoint config, tokenizer) with every check that needs no weights: the checkpoint is a
+    converted one, the tokenizer loads, its special ids are the checkpoint's (unless
+    --allow_tokenizer_mismatch) and the dtypes exist. UserErrors name the flag."""
+    import jax.numpy as jnp
+
     from medv_jax import checkpoint
     from medv_jax.data import tokenizer as tok_lib
 
-    tokenizer = tok_lib.load_tokenizer(os.path.expanduser(args.tokenizer))
-    config, params = checkpoint.load_pretrained(os.path.expanduser(args.checkpoint), dtype=args.param_dtype)
+    config = checkpoint.check_converted(args.checkpoint, "--checkpoint")
     if not isinstance(config, (MedVConfig, LLaDAConfig)):
-        raise ValueError(f"--checkpoint holds a {type(config).__name__}, not a MedV or LLaDA model")
+        raise UserError(
+            f"--checkpoint {args.checkpoint!r} holds a {type(config).__name__}, not a MedV or LLaDA model"
+        )
+    for flag, name in (("--param_dtype", args.param_dtype), ("--dtype", args.dtype)):
+        if name is not None:
+            try:
+                jnp.dtype(name)
+            except TypeError:
+                raise UserError(f"{flag} {name!r} is not a dtype: use e.g. float32 or bfloat16") from None
+    tokenizer = tok_lib.open_tokenizer(args.tokenizer, "--tokenizer")
+    mismatches = tokenizer_id_mismatches(config, tokenizer)
+    if mismatches and not getattr(args, "allow_tokenizer_mismatch", False):
+        listed = ", ".join(f"{name} {tok} vs {ckpt}" for name, tok, ckpt in mismatches)
+        raise UserError(
+            f"--tokenizer {args.tokenizer!r} does not belong to --checkpoint {args.checkpoint!r}: special ids "
+            f"(tokenizer vs checkpoint config.json) {listed}; give the checkpoint's tokenizer, or pass "
+            "--allow_tokenizer_mismatch to use this one anyway"
+        )
+    return config, tokenizer
+
+
+def load_model(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) -> tuple[Any, Any, Any]:
+    """(config with the tokenizer's special ids, params, tokenizer); ``opened`` is open_model's
+    result when the caller has it already."""
+    from medv_jax import checkpoint
+
+    _, tokenizer = opened or open_model(args)
+    config, params = checkpoint.load_pretrained(os.path.expanduser(args.checkpoint), dtype=args.param_dtype)
     changes = {}
     if args.dtype is not None:
         changes["dtype"] = args.dtype

@@ -1,6 +1,6 @@
 """Answer one question about one image with LLaDA-MedV.
 
-    python -m medv_jax.sampling.generate --checkpoint DIR --tokenizer DIR --image PATH \\
+    python -m medv_jax.generate --checkpoint DIR --tokenizer DIR --image PATH \\
         --question TEXT [--gen_length 128 --block_length 128 --steps 128 --temperature 0 \\
         --remasking low_confidence --cfg_scale 0 --seed 0] [--json] [--show_steps] \\
         [--cache prefix|dual --cache_refresh 8] [--threshold 0.9] [--adaptive_stop]
@@ -9,7 +9,8 @@ Builds the docs/algorithm.md §3 prompt (system prompt selectable), runs the jit
 answer. ``--json`` prints the answer, its token ids, the steps used, the cache refreshes and
 timings (load, preprocess, compile, sample). ``--show_steps`` prints the answer canvas after
 every step, masked positions shown as ``_`` (replayed from the step each token was committed at).
-A LLaDA (text-only) checkpoint works without ``--image``. The fast modes (``--cache``,
+A LLaDA (text-only) checkpoint works without ``--image``. Mistakes in the flags, the files or
+the question are reported in one line (exit status 2) before the weights load. The fast modes (``--cache``,
 ``--threshold``, ``--adaptive_stop``; see ``medv_jax.sampling.diffusion``) are opt-in.
 """
 from __future__ import annotations
@@ -25,17 +26,17 @@ import numpy as np
 
 from medv_jax.sampling import cli
 from medv_jax.sampling.diffusion import compile_generate_text, replay
+from medv_jax.user_errors import CommandParser, UserError, command_name, run_command
+
+COMMAND = "medv_jax.generate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medv_jax.sampling.generate",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = CommandParser(prog=command_name(COMMAND), description=__doc__.split("\n\n")[0])
     cli.add_model_args(parser)
     parser.add_argument("--image", default=None, help="image file (PNG/JPEG/..., or DICOM .dcm)")
     parser.add_argument("--question", required=True, help="the question (any <image> in it is removed)")
+    cli.add_image_args(parser)
     cli.add_sampler_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the answer")
     parser.add_argument("--show_steps", action="store_true", help="print the canvas after every step")
@@ -44,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_generate, argv, COMMAND)
+
+
+def _generate(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sampler_config = cli.sampler_config_from(args, parser)
+    question = cli.question_text(args.question, "--question") + args.question_suffix
+    image_options = cli.image_options(args)
     from medv_jax.data import image as image_lib
     from medv_jax.data.image_io import ImageReadError
     from medv_jax.models.medv import MedVConfig
@@ -54,28 +61,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     timings = {}
     t0 = time.perf_counter()
-    config, params, tokenizer = cli.load_model(args)
-    timings["load_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    system = mm.system_prompt_for(args.system_prompt)
-    question = args.question + args.question_suffix
-    rng = jax.random.key(args.seed)
-    is_medv = isinstance(config, MedVConfig)
+    opened = cli.open_model(args)
+    is_medv = isinstance(opened[0], MedVConfig)
     if args.image is not None and not is_medv:
-        parser.error("--image needs a MedV checkpoint; this one is a text-only LLaDA model")
+        raise UserError("--image needs a MedV checkpoint; this one is a text-only LLaDA model: leave --image out")
+    t_check = time.perf_counter()
+    # The image and the prompt are made before the weights load: a wrong path fails in a second.
     image = None
     if args.image is not None:
         try:
-            image = image_lib.preprocess_image(args.image, mm.image_config_for(config))
-        except (ImageReadError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    row = mm.question_prompt(tokenizer, question, image, system)
+            image = image_lib.preprocess_image(args.image, mm.image_config_for(opened[0]), **image_options)
+        except (ImageReadError, OSError, ValueError) as e:
+            raise UserError(f"--image: {e}") from None
+    row = mm.question_prompt(opened[1], question, image, mm.system_prompt_for(args.system_prompt))
+    positions = (opened[0].lm if is_medv else opened[0]).max_position_embeddings
+    if len(row.tokens) + sampler_config.gen_length > positions:
+        raise UserError(
+            f"the prompt ({len(row.tokens)} tokens) and --gen_length {sampler_config.gen_length} exceed the "
+            f"model's {positions} positions: shorten the question or lower --gen_length"
+        )
+    timings["preprocess_s"] = time.perf_counter() - t_check
+    config, params, tokenizer = cli.load_model(args, opened)
+    timings["load_s"] = time.perf_counter() - t0 - timings["preprocess_s"]
+
+    rng = jax.random.key(args.seed)
     lm = config.lm if is_medv else config
     if is_medv:
         batch = mm.collate_prompts([row], pad_id=lm.eos_token_id, crop_size=config.vision.image_size)
-    timings["preprocess_s"] = time.perf_counter() - t0
 
     try:
         t0 = time.perf_counter()
@@ -90,9 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             out = jax.block_until_ready(run([row.tokens], rng))
         timings["sample_s"] = time.perf_counter() - t0
-    except ValueError as e:  # e.g. the prompt does not fit max_position_embeddings
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ValueError as e:  # a prompt the sampler cannot place
+        raise UserError(str(e)) from None
 
     tokens = np.asarray(out.tokens[0])
     length = int(out.answer_length[0])

@@ -1,6 +1,6 @@
 """Batch inference over a LLaVA-Med style question file, writing LLaVA-Med answers.
 
-    python -m medv_jax.sampling.infer --checkpoint DIR --tokenizer DIR \\
+    python -m medv_jax.infer --checkpoint DIR --tokenizer DIR \\
         --question_file questions.jsonl --image_folder IMAGES --answers_file answers.jsonl \\
         [--batch_size 8 --gen_length 128 --block_length 128 --steps 128 ...]
 
@@ -20,8 +20,11 @@ Answer rows: ``{"question_id", "prompt", "text", "answer_id", "model_id", "metad
   multiple of 64), so only a few programs are ever compiled.
 * Resume: rerunning with the same ``--answers_file`` skips the question ids already answered and
   appends (a partly written last line from an interrupted run is dropped first).
+* Checked before the weights load, each a one-line error with exit status 2 that leaves the
+  answers file as it was: the question file exists, every question_id appears once, no question
+  is empty, the checkpoint is a converted one and the tokenizer is its own.
 * A bad row (missing or unreadable image, malformed JSON, prompt too long) is reported on stderr
-  with its id and skipped; the run goes on. Exit status 0 unless nothing could be loaded.
+  with its id and skipped; the run goes on.
 * Row r of the question file draws its random numbers from ``fold_in(key(seed), r)``, so its
   answer does not depend on the batch it lands in, nor on resuming.
 """
@@ -39,17 +42,16 @@ import jax
 import numpy as np
 
 from medv_jax.sampling import cli
+from medv_jax.user_errors import CommandParser, UserError, command_name, existing_path, run_command
 
+COMMAND = "medv_jax.infer"
 PROMPT_BUCKET = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medv_jax.sampling.infer",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = CommandParser(prog=command_name(COMMAND), description=__doc__.split("\n\n")[0])
     cli.add_model_args(parser)
+    cli.add_image_args(parser)
     g = parser.add_argument_group("data")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--question_file", "--question-file", help="questions .jsonl")
@@ -119,40 +121,75 @@ def _key(question_id: Any) -> str:
     return json.dumps(question_id, sort_keys=True)
 
 
+def checked_questions(rows: Iterator[tuple[int, Any, str]], where: str) -> list[tuple[int, Any, str]]:
+    """``rows`` as a list; a UserError naming the line for a question_id used twice or an empty
+    question (after removing ``<image>``)."""
+    rows = list(rows)
+    first_line: dict[str, int] = {}
+    for index, row, _ in rows:
+        if row is None:
+            continue
+        key = _key(row["question_id"])
+        if key in first_line:
+            raise UserError(
+                f"{where}: question_id {row['question_id']!r} is on lines {first_line[key] + 1} and {index + 1}: "
+                "give every question its own id"
+            )
+        first_line[key] = index
+        if not isinstance(row["text"], str):
+            raise UserError(f"{where} line {index + 1}: text of question_id {row['question_id']!r} is not a string")
+        cli.question_text(row["text"], f"{where} line {index + 1}: the question of question_id {row['question_id']!r}")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    sampler_config = cli.sampler_config_from(args, parser)
+    return run_command(lambda a: run(build_parser().parse_args(a)), argv, COMMAND)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Answer the questions ``args`` (build_parser's flags) name; raises UserError for a mistake
+    in them, before anything is loaded or written."""
+    sampler_config = cli.sampler_config_from(args, build_parser())
     if args.batch_size <= 0:
-        parser.error(f"--batch_size={args.batch_size} must be positive")
+        raise UserError(f"--batch_size={args.batch_size} must be positive")
     if args.prompt_length < 0:
-        parser.error(f"--prompt_length={args.prompt_length} must be >= 0")
+        raise UserError(f"--prompt_length={args.prompt_length} must be >= 0")
+    if os.path.isdir(os.path.expanduser(args.answers_file)):
+        raise UserError(f"--answers_file {args.answers_file!r} is a folder: give a .jsonl file")
+    if args.image_folder:
+        existing_path("--image_folder", args.image_folder, "folder")
+    image_options = cli.image_options(args)
     from medv_jax.data import image as image_lib
     from medv_jax.data.image_io import ImageReadError
     from medv_jax.models.medv import MedVConfig
     from medv_jax.sampling import multimodal as mm
 
-    done = answered_ids(args.answers_file)
-    todo, bad = [], []
-    seen = set(done)
     if args.question_file:
-        rows = read_questions(args.question_file)
+        where = f"--question_file {args.question_file}"
+        try:
+            rows = checked_questions(read_questions(existing_path("--question_file", args.question_file)), where)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where} is not UTF-8 text ({e}): give a .jsonl question file") from None
     else:
         try:
-            rows = list(tfds_questions(args.tfds, args.tfds_data_dir))
+            rows = checked_questions(tfds_questions(args.tfds, args.tfds_data_dir), f"--tfds {args.tfds}")
+        except UserError:
+            raise
         except (ValueError, OSError) as e:
-            print(f"error: --tfds {args.tfds}: {e}", file=sys.stderr)
-            return 2
+            raise UserError(f"--tfds {args.tfds}: {e}") from None
+    opened = cli.open_model(args)
+    if not isinstance(opened[0], MedVConfig):
+        raise UserError(f"--checkpoint {args.checkpoint!r} is a text-only LLaDA model: infer needs a MedV checkpoint")
+
+    done = answered_ids(args.answers_file)
+    todo, bad = [], []
     for index, row, error in rows:
         if row is None:
             bad.append(error)
             print(f"skipping {error}", file=sys.stderr)
             continue
-        key = _key(row["question_id"])
-        if key in seen:
-            continue
-        seen.add(key)
-        todo.append((index, row))
+        if _key(row["question_id"]) not in done:
+            todo.append((index, row))
     if args.limit is not None:
         todo = todo[: args.limit]
     print(
@@ -162,10 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not todo:
         return 0
 
-    config, params, tokenizer = cli.load_model(args)
-    if not isinstance(config, MedVConfig):
-        print("error: --checkpoint is not a MedV (multimodal) checkpoint", file=sys.stderr)
-        return 1
+    config, params, tokenizer = cli.load_model(args, opened)
     lm = config.lm
     image_config = mm.image_config_for(config)
     system = mm.system_prompt_for(args.system_prompt)
@@ -179,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = None
         if row.get("image"):
             path = os.path.join(os.path.expanduser(args.image_folder), row["image"])
-            image = image_lib.preprocess_image(path, image_config)
+            image = image_lib.preprocess_image(path, image_config, **image_options)
         prompt = mm.question_prompt(tokenizer, question + args.question_suffix, image, system, str(row["question_id"]))
         if len(prompt.tokens) > (args.prompt_length or max_prompt):
             raise ValueError(

@@ -29,6 +29,7 @@ from medv_jax.models.llada import LLaDAConfig
 from medv_jax.models.medv import MedV, MedVConfig
 from medv_jax.sampling import diffusion
 from medv_jax.sampling.diffusion import LogitsProcessor, SampleOutput, SamplerConfig
+from medv_jax.user_errors import UserError
 
 SYSTEM_PROMPTS = {
     "medical": conv.MEDICAL_SYSTEM_PROMPT,
@@ -61,6 +62,29 @@ def tokenizer_vocab_size(tokenizer: Any) -> int:
     return max(int(i) for i in tokenizer.get_vocab().values()) + 1
 
 
+# The LM config's field holding each special id of tok_lib.SpecialTokenIds.
+CONFIG_ID_FIELDS = {
+    "bos": "bos_token_id",
+    "eos": "eos_token_id",
+    "mask": "mask_token_id",
+    "start_header": "start_header_id",
+    "end_header": "end_header_id",
+    "eot": "eot_token_id",
+}
+
+
+def tokenizer_id_mismatches(config: LLaDAConfig | MedVConfig, tokenizer: Any) -> list[tuple[str, int, int]]:
+    """(name, the tokenizer's id, the config's id) of every special id on which a tokenizer and a
+    checkpoint's config disagree: a tokenizer that does not belong to the checkpoint."""
+    lm = config.lm if isinstance(config, MedVConfig) else config
+    ids = dataclasses.asdict(tok_lib.special_token_ids(tokenizer))
+    return [
+        (name, ids[name], getattr(lm, field))
+        for name, field in CONFIG_ID_FIELDS.items()
+        if ids[name] != getattr(lm, field)
+    ]
+
+
 def with_tokenizer_ids(config: LLaDAConfig | MedVConfig, tokenizer: Any) -> Any:
     """``config`` with every special id (and the usable vocabulary size) read from ``tokenizer``."""
     lm = config.lm if isinstance(config, MedVConfig) else config
@@ -68,7 +92,7 @@ def with_tokenizer_ids(config: LLaDAConfig | MedVConfig, tokenizer: Any) -> Any:
     usable = tokenizer_vocab_size(tokenizer)
     too_big = {k: v for k, v in dataclasses.asdict(ids).items() if v >= lm.vocab_size}
     if too_big:
-        raise ValueError(
+        raise UserError(
             f"tokenizer special ids {too_big} do not fit the model's vocab_size={lm.vocab_size}"
         )
     lm = lm.replace(

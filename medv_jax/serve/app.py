@@ -35,6 +35,28 @@ CSS = """
 """
 
 
+def load_upload(model: eng.Model, path: str | None, window: str) -> tuple[Any, Any, str]:
+    """(preview, image state, status HTML) of an uploaded file. A file that cannot be read leaves
+    a RejectedImage as the state, so the next question is refused rather than answered without
+    the image."""
+    if not path:
+        return None, None, info_html("No image: questions are asked without one.")
+    name = os.path.basename(path)
+    try:
+        rgb, image = eng.load_image(model, path, window)
+    except eng.UserError as e:
+        return None, eng.RejectedImage(name, str(e)), error_html(e)
+    except Exception as e:  # never crash the page
+        traceback.print_exc(file=sys.stderr)
+        return None, eng.RejectedImage(name, f"{type(e).__name__}: {e}"), error_html(f"{name}: {type(e).__name__}: {e}")
+    shown = rgb
+    if max(rgb.size) < PREVIEW_SIZE:  # small scans: enlarge the preview (pixels kept sharp)
+        scale = PREVIEW_SIZE / max(rgb.size)
+        shown = rgb.resize((round(rgb.size[0] * scale), round(rgb.size[1] * scale)), Image.NEAREST)
+    note = f"Loaded {name} ({rgb.size[0]}x{rgb.size[1]}, {image.layout.num_tokens} image tokens)."
+    return shown, image, info_html(note + " Ask a question.")
+
+
 def error_html(message: str) -> str:
     return f'<div class="error">Error: {html.escape(str(message))}</div>'
 
@@ -187,22 +209,8 @@ def build_app(
         # ------------------------------------------------------------------ handlers
         def on_upload(path, window_choice):
             """Load (or clear) the image; a new image starts a new chat."""
-            if not path:
-                return None, None, [], [], info_html("No image: questions are asked without one.")
-            try:
-                rgb, image = eng.load_image(model, path, window_choice)
-            except eng.UserError as e:
-                return None, None, [], [], error_html(e)
-            except Exception as e:  # never crash the page
-                traceback.print_exc(file=sys.stderr)
-                return None, None, [], [], error_html(f"{os.path.basename(path)}: {type(e).__name__}: {e}")
-            name = os.path.basename(path)
-            shown = rgb
-            if max(rgb.size) < PREVIEW_SIZE:  # small scans: enlarge the preview (pixels kept sharp)
-                scale = PREVIEW_SIZE / max(rgb.size)
-                shown = rgb.resize((round(rgb.size[0] * scale), round(rgb.size[1] * scale)), Image.NEAREST)
-            note = f"Loaded {name} ({rgb.size[0]}x{rgb.size[1]}, {image.layout.num_tokens} image tokens)."
-            return shown, image, [], [], info_html(note + " Ask a question.")
+            shown, image, note = load_upload(model, path, window_choice)
+            return shown, image, [], [], note
 
         load_outputs = [preview, image_state, chat, history_state, status]
         # Light handlers (no device work) bypass the one-at-a-time limit of generation.

@@ -19,7 +19,9 @@ from typing import Sequence
 from medv_jax.models.layers import ATTENTION_CHOICES
 from medv_jax.sampling import cli as sampling_cli
 from medv_jax.sampling.diffusion import SamplerConfig
+from medv_jax.user_errors import CommandParser, UserError, command_name, run_command
 
+COMMAND = "medv_jax.serve"
 DEMO_WORKDIR = os.path.join("workdir", "demo")  # configs/demo.py's c.workdir
 # configs/demo.py trains without a system prompt (c.data.system_prompt) and evaluates with
 # gen_length = block_length = steps = 4 (c.eval); tests/serve checks these against the config.
@@ -31,15 +33,15 @@ PROMPT_BUCKET = 128
 SAMPLER_FIELDS = ("gen_length", "block_length", "steps", "temperature", "remasking", "cfg_scale")
 
 HOW_TO_TRAIN = (
-    "train the demo model first (about 15 minutes on a CPU):\n"
-    "    python -m medv_jax.train --config=configs/demo.py\n"
+    "train the demo model first (under 10 minutes on a 2-core CPU): "
+    "python -m medv_jax.train --config=configs/demo.py; "
     "or serve another checkpoint with --checkpoint DIR --tokenizer DIR"
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medv_jax.serve",
+    parser = CommandParser(
+        prog=command_name(COMMAND),
         description=__doc__.split("\n\n")[0],
         epilog="The sampler flags (those of python -m medv_jax.generate, fast modes included) set the "
         "settings the page opens with and compiles at start-up (default: the demo's 4 / 4 / 4 for the "
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", default=None, help=f"converted checkpoint folder (default: {DEMO_WORKDIR}/model)")
     g.add_argument("--tokenizer", default=None, help=f"tokenizer folder (default: {DEMO_WORKDIR}/tokenizer)")
+    sampling_cli.add_tokenizer_mismatch_arg(g)
     g.add_argument(
         "--system_prompt",
         default=None,
@@ -87,17 +90,18 @@ def resolve_model_paths(args, parser) -> tuple[str, str, bool]:
     if args.checkpoint is None and args.tokenizer is None:
         ckpt, tok = os.path.join(DEMO_WORKDIR, "model"), os.path.join(DEMO_WORKDIR, "tokenizer")
         if not (os.path.isdir(ckpt) and os.path.isdir(tok)):
-            parser.exit(2, f"error: no demo model at {os.path.abspath(ckpt)}: {HOW_TO_TRAIN}\n")
+            raise UserError(f"no demo model at {os.path.abspath(ckpt)}: {HOW_TO_TRAIN}")
         return ckpt, tok, True
     if args.checkpoint is None or args.tokenizer is None:
         parser.error("give both --checkpoint and --tokenizer (or neither, to serve the demo model)")
-    for flag, path in (("--checkpoint", args.checkpoint), ("--tokenizer", args.tokenizer)):
-        if not os.path.isdir(os.path.expanduser(path)):
-            parser.error(f"{flag} {path!r} is not a folder")
     return args.checkpoint, args.tokenizer, False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_serve, argv, COMMAND)
+
+
+def _serve(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     checkpoint, tokenizer, is_demo = resolve_model_paths(args, parser)
@@ -108,30 +112,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = sampling_cli.sampler_config_from(args, parser)
     if args.prompt_bucket <= 0:
         parser.error(f"--prompt_bucket={args.prompt_bucket} must be positive")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} must be in 0..65535")
     system_prompt = args.system_prompt or (DEMO_SYSTEM_PROMPT if is_demo else "medical")
+    # Everything but the weights is checked before anything heavy loads.
+    sampling_cli.open_model(argparse.Namespace(
+        checkpoint=checkpoint, tokenizer=tokenizer, param_dtype=args.param_dtype, dtype=args.dtype,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch))
 
     try:
         from medv_jax.serve import app as app_lib  # imports gradio (telemetry off)
     except ImportError as e:
-        print(f"error: the web demo needs gradio ({e}): pip install 'medv_jax[serve]'", file=sys.stderr)
-        return 1
+        raise UserError(f"the web demo needs gradio ({e}): pip install 'medv_jax[serve]'") from None
     from medv_jax.serve import engine as eng
     from medv_jax.serve import examples as examples_lib
 
     t0 = time.perf_counter()
-    try:
-        model = eng.load_model(
-            checkpoint,
-            tokenizer,
-            system_prompt=system_prompt,
-            question_suffix=args.question_suffix,
-            param_dtype=args.param_dtype,
-            dtype=args.dtype,
-            attention_impl=args.attention_impl,
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load --checkpoint {checkpoint!r} / --tokenizer {tokenizer!r}: {e}", file=sys.stderr)
-        return 1
+    model = eng.load_model(
+        checkpoint,
+        tokenizer,
+        system_prompt=system_prompt,
+        question_suffix=args.question_suffix,
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        attention_impl=args.attention_impl,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+    )
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s")
     engine = eng.Engine(model, prompt_bucket=args.prompt_bucket)
 

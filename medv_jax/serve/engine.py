@@ -22,7 +22,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from medv_jax import user_errors
 from medv_jax.data import conversation as conv
+from medv_jax.data import dicom
 from medv_jax.data import image as image_lib
 from medv_jax.data.anyres import ImageConfig
 from medv_jax.data.image import PreprocessedImage
@@ -41,11 +43,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "Conversation (paper): 256 / 64 / 256": dict(gen_length=256, block_length=64, steps=256),
 }
 
-DICOM_WINDOWS = ("auto", "full", "lung", "soft_tissue", "bone", "brain")
-
-
-class UserError(ValueError):
-    """A problem with what the user gave (file, question, settings): shown in the page."""
+DICOM_WINDOWS = dicom.WINDOW_CHOICES
+# A problem with what the user gave (file, question, settings): shown in the page.
+UserError = user_errors.UserError
+parse_window = dicom.parse_window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,7 @@ def load_model(
     param_dtype: str | None = None,
     dtype: str | None = None,
     attention_impl: str | None = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> Model:
     """Load a converted checkpoint and its tokenizer (``medv_jax.sampling.cli.load_model``)."""
     args = argparse.Namespace(
@@ -99,6 +101,7 @@ def load_model(
         param_dtype=param_dtype,
         dtype=dtype,
         attention_impl=attention_impl,
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch,
     )
     config, params, tok = cli.load_model(args)
     image_config = mm.image_config_for(config) if isinstance(config, MedVConfig) else None
@@ -140,31 +143,20 @@ def load_image(model: Model, path: str, window: str = "auto") -> tuple[Any, Prep
         raise UserError(f"cannot read {name!r} as an image (PNG, JPEG, ... or DICOM): {e}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class RejectedImage:
+    """The page's image after an upload that could not be read: questions are refused until
+    another image is loaded or the file removed, never answered without the image."""
+
+    name: str
+    reason: str
+
+
 def is_dicom(path: str) -> bool:
     """Whether ``path`` is read as DICOM (by extension or the DICM magic), as image_io decides."""
     from medv_jax.data import image_io
 
     return image_io._is_dicom_path(path)
-
-
-def parse_window(window: str | None) -> str | tuple[float, float] | None:
-    """'auto'/None -> the file's own window; a name; or 'center,width' numbers."""
-    if window is None or window == "" or window == "auto":
-        return None
-    if window in DICOM_WINDOWS:
-        return window
-    parts = window.split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        center, width = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise UserError(
-            f"DICOM window {window!r}: choose one of {list(DICOM_WINDOWS)} or type 'center,width' (e.g. 40,400)"
-        ) from None
-    if not width > 0:
-        raise UserError(f"DICOM window {window!r}: width must be positive")
-    return (center, width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,13 +361,18 @@ class Engine:
         self,
         history: Sequence[tuple[str, str]],
         question: str,
-        image: PreprocessedImage | None,
+        image: PreprocessedImage | RejectedImage | None,
         sampler_config: SamplerConfig,
         seed: int = 0,
     ) -> Answer:
         """Answer ``question`` (after the ``history`` turns) about ``image``. Raises UserError for
-        a question / settings the sampler cannot take."""
+        a question / settings the sampler cannot take, or an image that could not be read."""
         m = self.model
+        if isinstance(image, RejectedImage):
+            raise UserError(
+                f"the uploaded file {image.name!r} could not be read ({image.reason}): "
+                "upload another image, or remove it to ask without one"
+            )
         if image is not None and not m.takes_images:
             raise UserError("this checkpoint is a text-only LLaDA model; remove the image")
         row = build_prompt(m, history, question, image)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from medv_jax.train import trainer
+from medv_jax.user_errors import UserError, closest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,20 +44,42 @@ def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections
     return module.get_config() if arg is None else module.get_config(arg)
 
 
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every field of ``config`` as a dotted name (sections and the fields inside them)."""
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            names += field_names(value, f"{prefix}{key}.")
+    return names
+
+
+def check_field(config: ml_collections.ConfigDict, key: str, flag: str) -> None:
+    """A UserError naming ``flag`` and the closest existing fields when ``config`` has no ``key``."""
+    node: Any = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            near = closest(key, field_names(config))
+            if not near and isinstance(node, ml_collections.ConfigDict):  # nothing alike: its section's fields
+                near = [".".join([*parts[:i], name]) for name in list(node.keys())[:8]]
+            hint = f"; closest: {', '.join(near)}" if near else ""
+            raise UserError(f"{flag}: the config has no field {key!r}{hint}")
+        node = node[part]
+
+
 def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
     """``"train.num_steps=5"``: sets an existing field, parsing the value as the field's type
     (Python literals for tuples, lists and numbers); an unknown field is an error naming it."""
     key, sep, text = assignment.partition("=")
     if not sep:
         raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. train.num_steps=5")
-    *parents, leaf = key.strip().split(".")
+    key = key.strip()
+    check_field(config, key, f"--set {assignment!r}")
+    *parents, leaf = key.split(".")
     node = config
-    for i, part in enumerate(parents):
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(f"--set {assignment!r}: config has no section {'.'.join(parents[:i + 1])!r}")
+    for part in parents:
         node = node[part]
-    if leaf not in node:
-        raise ValueError(f"--set {assignment!r}: config has no field {key!r}")
     current = node[leaf]
     if isinstance(current, str):
         value: Any = text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from medv_jax.models import llada, medv, siglip
 from medv_jax.train import loss as loss_lib
 from medv_jax.train import optimizer as opt_lib
 from medv_jax.train import step as step_lib
+from medv_jax.user_errors import UserError, closest, existing_path
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +50,40 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
     if not config.tokenizer:
         raise ValueError("config.tokenizer: give the tokenizer folder (e.g. the LLaDA-MedV HF folder)")
     return tok_lib.load_tokenizer(config.tokenizer)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """User mistakes in a training config (required fields unset, files that do not exist, names
+    that are not presets), found before a workdir or any weights exist; each a UserError naming
+    the field and what to give."""
+    d = config.data
+    if d.source == "json":
+        if not d.train_path:
+            raise UserError("config.data.train_path is not set: give the training records, "
+                            "--config.data.train_path=FILE.json")
+        existing_path("config.data.train_path", d.train_path)
+        if d.test_path:
+            existing_path("config.data.test_path", d.test_path)
+        if d.get("image_root"):
+            existing_path("config.data.image_root", d.image_root, "folder")
+    elif d.source == "tfds":
+        if not d.get("tfds"):
+            raise UserError('config.data.tfds is not set: config.data.source="tfds" needs "NAME:SPLIT", e.g. vqa_rad:train')
+    elif d.source != "synthetic":
+        raise UserError(f"config.data.source={d.source!r}: expected 'synthetic', 'json' or 'tfds'")
+    if not config.tokenizer:
+        raise UserError("config.tokenizer is not set: give the tokenizer folder (e.g. the LLaDA-MedV download), "
+                        "--config.tokenizer=DIR")
+    if config.tokenizer not in ("demo", "demo_reports"):
+        existing_path("config.tokenizer", config.tokenizer, "folder")
+    for field in ("init_from", "init_lm_from", "init_vision_from"):
+        if config.get(field):
+            checkpoint.check_converted(config.get(field), f"config.{field}")
+    for field, presets in (("lm_preset", llada.LLADA_PRESETS), ("vision_preset", siglip.SIGLIP_PRESETS)):
+        name = config.model.get(field)
+        if name not in presets:
+            raise UserError(f"config.model.{field}={name!r} is not a preset; closest: "
+                            f"{', '.join(closest(str(name), presets)) or ', '.join(presets)}")
 
 
 def _numerics(m: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -248,60 +284,66 @@ def _device_batch(batch: dict[str, np.ndarray], mesh) -> tuple[dict[str, jax.Arr
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Run (or resume) training; returns the final summary (also written to summary.json)."""
+    check_config(config)
     shd.maybe_initialize_distributed()
     workdir = Path(workdir)
+    new_workdir = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    tokenizer = load_tokenizer(config, workdir)
-    model_cfg = model_config(config, tokenizer)
-    (workdir / "model_config.json").write_text(json.dumps(checkpoint.config_to_dict(model_cfg), indent=2))
-    model = medv.MedV(model_cfg)
-    mesh = shd.make_mesh(tuple(config.mesh))
-    train_source, test_source = data_sources(config)
+    try:  # a run that fails before its first step leaves no half-made workdir behind
+        tokenizer = load_tokenizer(config, workdir)
+        model_cfg = model_config(config, tokenizer)
+        (workdir / "model_config.json").write_text(json.dumps(checkpoint.config_to_dict(model_cfg), indent=2))
+        model = medv.MedV(model_cfg)
+        mesh = shd.make_mesh(tuple(config.mesh))
+        train_source, test_source = data_sources(config)
 
-    t = config.train
-    n_proc = jax.process_count()
-    if t.global_batch % (n_proc * t.micro_batches):
-        raise ValueError(f"train.global_batch={t.global_batch} must divide by processes x micro_batches")
-    steps_per_epoch = len(train_source) // t.global_batch
-    total_steps = t.num_steps or t.num_epochs * steps_per_epoch
-    if total_steps <= 0:
-        raise ValueError("train.num_steps / num_epochs give no steps")
-    local_batch = t.global_batch // n_proc
-    bcfg = batch_config(config, model_cfg, local_batch)  # checks the data fields before any weights exist
-    groups = [tuple(g) for g in config.optim.param_groups]
-    abstract_boxed = medv.abstract_params(model_cfg)
-    trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)
-    o = config.optim
-    tx = opt_lib.make_optimizer(trainable_shape, groups, o.lr, total_steps, o.warmup_ratio,
-                                o.weight_decay, o.max_grad_norm, o.b1, o.b2, o.eps, o.final_lr_ratio)
+        t = config.train
+        n_proc = jax.process_count()
+        if t.global_batch % (n_proc * t.micro_batches):
+            raise ValueError(f"train.global_batch={t.global_batch} must divide by processes x micro_batches")
+        steps_per_epoch = len(train_source) // t.global_batch
+        total_steps = t.num_steps or t.num_epochs * steps_per_epoch
+        if total_steps <= 0:
+            raise ValueError("train.num_steps / num_epochs give no steps")
+        local_batch = t.global_batch // n_proc
+        bcfg = batch_config(config, model_cfg, local_batch)  # checks the data fields before any weights exist
+        groups = [tuple(g) for g in config.optim.param_groups]
+        abstract_boxed = medv.abstract_params(model_cfg)
+        trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)
+        o = config.optim
+        tx = opt_lib.make_optimizer(trainable_shape, groups, o.lr, total_steps, o.warmup_ratio,
+                                    o.weight_decay, o.max_grad_norm, o.b1, o.b2, o.eps, o.final_lr_ratio)
 
-    params = initial_params(config, model_cfg, mesh, config.seed)
-    if params is None:
-        init_fn = lambda rng: medv.init_params(model_cfg, rng, boxed=True)
-        state, shardings = step_lib.init_sharded_state(init_fn, tx, groups, mesh, config.seed)
-    else:
-        state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed)
-        del params
-    loader = pipeline.make_loader(train_source, tokenizer, bcfg, seed=config.seed,
-                                  worker_count=config.data.worker_count)
-    it = iter(loader)
-    manager = checkpoint_manager(workdir, t.keep_checkpoints)
-    start_step = 0
-    if manager.latest_step() is not None:
-        start_step = manager.latest_step()
-        abstract_state = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        state, data_state = restore_checkpoint(manager, start_step, abstract_state)
-        it.set_state(data_state)
-        print(f"resumed from {workdir / 'checkpoints'} at step {start_step}")
-    first = next(it)
-    example = {k: v for k, v in first.items() if k != "example_id"}
-    train_step = step_lib.jit_train_step(step_lib.make_train_step(
-        model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))), shardings, mesh, example)
-    eval_loss = make_eval_loss(model, mesh, shardings, example)
-    eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []
-
+        params = initial_params(config, model_cfg, mesh, config.seed)
+        if params is None:
+            init_fn = lambda rng: medv.init_params(model_cfg, rng, boxed=True)
+            state, shardings = step_lib.init_sharded_state(init_fn, tx, groups, mesh, config.seed)
+        else:
+            state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed)
+            del params
+        loader = pipeline.make_loader(train_source, tokenizer, bcfg, seed=config.seed,
+                                      worker_count=config.data.worker_count)
+        it = iter(loader)
+        manager = checkpoint_manager(workdir, t.keep_checkpoints)
+        start_step = 0
+        if manager.latest_step() is not None:
+            start_step = manager.latest_step()
+            abstract_state = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+            state, data_state = restore_checkpoint(manager, start_step, abstract_state)
+            it.set_state(data_state)
+            print(f"resumed from {workdir / 'checkpoints'} at step {start_step}")
+        first = next(it)
+        example = {k: v for k, v in first.items() if k != "example_id"}
+        train_step = step_lib.jit_train_step(step_lib.make_train_step(
+            model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))), shardings, mesh, example)
+        eval_loss = make_eval_loss(model, mesh, shardings, example)
+        eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []
+    except BaseException:
+        if new_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     log = MetricsLog(workdir)
     preempt = _Preemption().install()
     batch = first

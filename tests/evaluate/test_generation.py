@@ -27,7 +27,7 @@ def test_infer_argv_parses_with_infer_and_keeps_every_value(tmp_path):
     assert parsed.question_file == "q.jsonl" and parsed.tfds is None and parsed.limit is None
     assert parsed.answers_file == "a.jsonl" and parsed.image_folder == "imgs" and parsed.no_progress
     for dest, action in ((a.dest, a) for a in infer.build_parser()._actions if a.option_strings):
-        if dest in ("help", "question_file", "answers_file", "tfds", "tfds_data_dir", "limit",
+        if dest in ("help", "debug", "question_file", "answers_file", "tfds", "tfds_data_dir", "limit",
                     "image_folder", "no_progress"):
             continue
         want = 32 if dest == "steps" else getattr(args, dest)  # the override wins

@@ -121,7 +121,7 @@ def test_run_vqa_bad_input_is_one_error(files, tmp_path, capsys):
     bad.write_text(json.dumps({"question_id": 7, "image": "a.png", "text": "Q?", "answer": "yes"}) + "\n")
     assert main(["run-vqa", "--questions", str(bad), "--out", str(tmp_path / "r")] + _model(files)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "question 7 has no 'answer_type'" in err
+    assert err.startswith("python -m medv_jax.evaluate: error:") and "question 7 has no 'answer_type'" in err
     assert not (tmp_path / "r" / "answers.jsonl").exists()
 
 

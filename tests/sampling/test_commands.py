@@ -95,7 +95,7 @@ def test_generate_reports_bad_input(files, capsys):
     code = generate.main(
         model_flags(files) + ["--image", str(files["images"] / "corrupt.png"), "--question", "q"]
     )
-    assert code == 1 and "corrupt.png" in capsys.readouterr().err
+    assert code == 2 and "corrupt.png" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # invalid schedule: rejected before loading
         generate.main(model_flags(files) + ["--question", "q", "--gen_length", "10", "--block_length", "4"])
     assert exit_info.value.code == 2

@@ -125,6 +125,21 @@ def test_image_errors_name_the_file(engine, tiny):
     assert eng.parse_window("auto") is None and eng.parse_window("lung") == "lung"
 
 
+@pytest.mark.parametrize("name", ["corrupt.png", "notes.txt", "empty.png"])
+def test_after_a_bad_upload_the_next_question_is_refused_not_answered_without_it(engine, tiny, name):
+    from medv_jax.serve import app
+
+    path = tiny["images"] / name
+    if name == "empty.png":
+        path.write_bytes(b"")
+    preview, state, status = app.load_upload(engine.model, str(path), "auto")
+    assert preview is None and isinstance(state, eng.RejectedImage) and name in status
+    with pytest.raises(eng.UserError, match=f"{name}.*upload another image, or remove it"):
+        engine.answer([], "Is there a lesion?", state, SMALL)
+    # Removing the file: questions are asked without an image again.
+    assert app.load_upload(engine.model, None, "auto")[1] is None
+
+
 def test_examples_work_offline(engine, tmp_path):
     rows = examples_lib.write_examples(tmp_path, image_size=56)
     names = [os.path.basename(r[0]) for r in rows]

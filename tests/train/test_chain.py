@@ -172,7 +172,7 @@ def test_overrides_take_each_fields_type():
     assert config.train.num_steps == 7 and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
     assert tuple(config.data.closed_families) == ("modality",) and config.tokenizer == "demo"
     assert [tuple(g) for g in config.optim.param_groups] == [("^vision/", None)]
-    for bad, message in (("train.num_step=7", "no field 'train.num_step'"), ("trian.num_steps=7", "no section"),
+    for bad, message in (("train.num_step=7", "no field 'train.num_step'"), ("trian.num_steps=7", "no field 'trian.num_steps'"),
                          ("optim.lr=fast", "cannot read"), ("train.num_steps", "FIELD=VALUE")):
         with pytest.raises(ValueError, match=message):
             chain.apply_override(config, bad)

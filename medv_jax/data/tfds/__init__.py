@@ -32,6 +32,19 @@ def builder(name: str, data_dir: str | None = None):
     return BUILDERS[canonical_name(name)](data_dir=data_dir)
 
 
+def is_built(b) -> bool:
+    """Whether builder ``b``'s data set is built, without TFDS's warning about an unbuilt folder
+    (callers say what to do instead)."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return b.is_prepared()
+    finally:
+        logging.set_verbosity(level)
+
+
 def build(name: str, manual_dir: str, data_dir: str | None = None):
     """Builds dataset `name` from the release in `manual_dir` (once; a built one is kept)."""
     import os

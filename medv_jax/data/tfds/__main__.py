@@ -7,14 +7,21 @@ NAME: vqa_rad, slake, path_vqa or llava_med.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
 
+from medv_jax.user_errors import CommandParser, command_name, run_command
+
+COMMAND = "medv_jax.data.tfds"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medv_jax.data.tfds", description=__doc__.split("\n\n")[0])
+    return run_command(_tfds, argv, COMMAND, user_errors=(ValueError, OSError))
+
+
+def _tfds(argv: list[str]) -> int:
+    parser = CommandParser(prog=command_name(COMMAND), description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a dataset from its release in a manual folder")
     b.add_argument("name")
@@ -28,19 +35,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medv_jax.data import tfds as builders
     from medv_jax.data import tfds_vqa
 
-    try:
-        if args.command == "build":
-            built = builders.build(args.name, args.manual_dir, args.data_dir)
-            for split, info in sorted(built.info.splits.items()):
-                n_q = len(tfds_vqa.read_split(f"{built.name}:{split}", args.data_dir))
-                print(f"{built.name}:{split}: {info.num_examples} examples, {n_q} records")
-            print(f"built in {built.data_dir}")
-        else:
-            for rec in tfds_vqa.read_split(args.spec, args.data_dir)[: args.n]:
-                print(json.dumps(rec, ensure_ascii=False))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "build":
+        built = builders.build(args.name, args.manual_dir, args.data_dir)
+        for split, info in sorted(built.info.splits.items()):
+            n_q = len(tfds_vqa.read_split(f"{built.name}:{split}", args.data_dir))
+            print(f"{built.name}:{split}: {info.num_examples} examples, {n_q} records")
+        print(f"built in {built.data_dir}")
+    else:
+        if args.n < 0:
+            parser.error(f"-n {args.n} must be >= 0")
+        for rec in tfds_vqa.read_split(args.spec, args.data_dir)[: args.n]:
+            print(json.dumps(rec, ensure_ascii=False))
     return 0
 
 
