@@ -83,7 +83,11 @@ def save_pretrained(path: str | os.PathLike, config: Config, params: Any, overwr
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-        checkpointer = ocp.StandardCheckpointer()
+        # One writer: in a multi-process run only the calling process takes part (orbax would
+        # otherwise wait for all of them), so params must be host arrays (numpy) there.
+        me = jax.process_index()
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
         checkpointer.save(tmp / PARAMS_DIR, nn.unbox(params))
         checkpointer.wait_until_finished()
         if path.exists():

@@ -5,6 +5,7 @@ Trains (or resumes, when the workdir already holds checkpoints) and prints a sho
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -18,10 +19,15 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from medv_jax.sharding import DistributedSetupError
     from medv_jax.train.trainer import train
 
     config = _CONFIG.value
-    summary = train(config, _WORKDIR.value or config.workdir)
+    try:
+        summary = train(config, _WORKDIR.value or config.workdir)
+    except DistributedSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     printable = {k: v for k, v in summary.items() if k not in ("vqa", "reports")}
     for key in ("vqa", "reports"):
         if key in summary:
