@@ -124,13 +124,19 @@ def load_pretrained(
     if dtype is not None:
         config = _with_param_dtype(config, dtype)
     abstract = nn.unbox(abstract_params(config))
+    checkpointer = ocp.StandardCheckpointer()
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+        # A restore onto this process's own device involves no other process (each process of a
+        # multi-process inference run loads its own copy, whenever it gets to it).
+        me = jax.process_index()
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+    params = checkpointer.restore(path / PARAMS_DIR, target)
     return config, params
 
 

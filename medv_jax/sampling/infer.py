@@ -22,6 +22,11 @@ Answer rows: ``{"question_id", "prompt", "text", "answer_id", "model_id", "metad
   appends (a partly written last line from an interrupted run is dropped first).
 * A bad row (missing or unreadable image, malformed JSON, prompt too long) is reported on stderr
   with its id and skipped; the run goes on. Exit status 0 unless nothing could be loaded.
+* Several processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or
+  a SLURM / TPU launch; docs/multihost.md): process p of N answers the rows r with r % N == p
+  into ``ANSWERS.process-P`` beside the answers file; once all are done, process 0 appends them to
+  the answers file in question order (each question once) and removes them. A rerun after a
+  process died counts the answers of those files as done.
 * Row r of the question file draws its random numbers from ``fold_in(key(seed), r)``, so its
   answer does not depend on the batch it lands in, nor on resuming.
 """
@@ -94,12 +99,15 @@ def tfds_questions(spec: str, data_dir: str | None) -> Iterator[tuple[int, Any, 
         yield i, row, ""
 
 
-def answered_ids(path: str) -> set[str]:
-    """Question ids already in ``path``; a partly written last line (no newline) is cut off."""
+def answered_ids(path: str, repair: bool = True) -> set[str]:
+    """Question ids already in ``path``; a partly written last line (no newline) is cut off
+    (``repair``; otherwise, for a file another process may be writing, it is only ignored)."""
     if not os.path.exists(path):
         return set()
     with open(path, "rb") as f:
         data = f.read()
+    if data and not data.endswith(b"\n") and not repair:
+        data = data[: data.rfind(b"\n") + 1]
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
         print(f"warning: dropping a partly written last line of {path}", file=sys.stderr)
@@ -119,6 +127,44 @@ def _key(question_id: Any) -> str:
     return json.dumps(question_id, sort_keys=True)
 
 
+def part_file(answers_file: str, process_index: int) -> str:
+    """Where process ``process_index`` of a multi-process run writes its answers."""
+    return f"{answers_file}.process-{process_index}"
+
+
+def part_files(answers_file: str) -> list[str]:
+    """Part files beside ``answers_file`` (of any earlier process count too)."""
+    import glob
+
+    return sorted(glob.glob(glob.escape(answers_file) + ".process-*"))
+
+
+def merge_parts(answers_file: str, order: dict[str, int]) -> int:
+    """Append the part files' answers that ``answers_file`` lacks, in question order (``order``:
+    key -> row index), then remove the parts; returns how many were appended. Safe to repeat
+    after an interruption: what is already merged is not appended again."""
+    done = answered_ids(answers_file)
+    new: dict[str, tuple[int, str]] = {}
+    for part in part_files(answers_file):
+        with open(part, "rb") as f:
+            data = f.read()
+        for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines():
+            try:
+                key = _key(json.loads(line)["question_id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if key not in done and key not in new:
+                new[key] = (order.get(key, len(order)), line)
+    with open(answers_file, "a", encoding="utf-8") as out:
+        for _, line in sorted(new.values(), key=lambda x: x[0]):
+            out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    for part in part_files(answers_file):
+        os.remove(part)
+    return len(new)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -127,12 +173,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch_size={args.batch_size} must be positive")
     if args.prompt_length < 0:
         parser.error(f"--prompt_length={args.prompt_length} must be >= 0")
-    from medv_jax.data import image as image_lib
-    from medv_jax.data.image_io import ImageReadError
-    from medv_jax.models.medv import MedVConfig
-    from medv_jax.sampling import multimodal as mm
+    from medv_jax.sharding import DistributedSetupError, maybe_initialize_distributed
 
-    done = answered_ids(args.answers_file)
+    try:
+        maybe_initialize_distributed()
+    except DistributedSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    process, processes = jax.process_index(), jax.process_count()
+    # Several processes: each writes its own file; process 0 merges them at the end.
+    own_file = part_file(args.answers_file, process) if processes > 1 else args.answers_file
+    done = answered_ids(args.answers_file, repair=processes == 1 or process == 0)
+    for part in part_files(args.answers_file) if processes > 1 else ():
+        done |= answered_ids(part, repair=part == own_file)
+    order: dict[str, int] = {}
     todo, bad = [], []
     seen = set(done)
     if args.question_file:
@@ -149,18 +203,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"skipping {error}", file=sys.stderr)
             continue
         key = _key(row["question_id"])
+        order.setdefault(key, index)
         if key in seen:
             continue
         seen.add(key)
-        todo.append((index, row))
+        if index % processes == process:
+            todo.append((index, row))
     if args.limit is not None:
         todo = todo[: args.limit]
+    share = f" (process {process} of {processes})" if processes > 1 else ""
     print(
-        f"{len(done)} already answered, {len(todo)} to answer, {len(bad)} unreadable rows",
+        f"{len(done)} already answered, {len(todo)} to answer{share}, {len(bad)} unreadable rows",
         file=sys.stderr,
     )
-    if not todo:
-        return 0
+    if todo and (code := _answer(args, sampler_config, todo, own_file, bad)):
+        return code
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("answers written")  # every part is complete
+        if process == 0:
+            merged = merge_parts(args.answers_file, order)
+            print(f"merged {merged} answers of {processes} processes into {args.answers_file}", file=sys.stderr)
+    return 0
+
+
+def _answer(args, sampler_config, todo, answers_file: str, bad: list) -> int:
+    """Answer ``todo`` ((row index, row) pairs) into ``answers_file`` (appended); exit status."""
+    from medv_jax.data import image as image_lib
+    from medv_jax.data.image_io import ImageReadError
+    from medv_jax.models.medv import MedVConfig
+    from medv_jax.sampling import multimodal as mm
 
     config, params, tokenizer = cli.load_model(args)
     if not isinstance(config, MedVConfig):
@@ -196,9 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress = tqdm(total=len(todo), unit="q", file=sys.stderr)
     skipped, written, steps_used = [], 0, []
     compiled_widths: set[int] = set()
-    os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
     started = time.perf_counter()
-    with open(args.answers_file, "a", encoding="utf-8") as out:
+    with open(answers_file, "a", encoding="utf-8") as out:
         pending: list[tuple[int, dict, Any, str]] = []
 
         def flush_batch():
@@ -272,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.close()
     elapsed = time.perf_counter() - started
     print(
-        f"wrote {written} answers to {args.answers_file} in {elapsed:.1f}s; "
+        f"wrote {written} answers to {answers_file} in {elapsed:.1f}s; "
         f"skipped {len(skipped)} questions and {len(bad)} unreadable rows"
         + (f"; {np.mean(steps_used):.1f} denoising steps per answer" if steps_used else ""),
         file=sys.stderr,
