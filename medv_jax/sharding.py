@@ -146,6 +146,9 @@ def maybe_initialize_distributed(environ=None) -> None:
         jax.distributed.initialize(**{**settings, "initialization_timeout": join_s + 60})
     except (RuntimeError, ValueError) as e:
         done.set()
+        if count is None:  # a cluster JAX could not read (e.g. a SLURM allocation outside srun): one process
+            print(f"jax.distributed.initialize() skipped: {e}", file=sys.stderr)
+            return
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedSetupError(f"distributed start at {where} failed: {first}") from None
     done.set()
