@@ -84,7 +84,11 @@ def save_pretrained(path: str | os.PathLike, config: Config, params: Any, overwr
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-        checkpointer = ocp.StandardCheckpointer()
+        # One writer: in a multi-process run only the calling process takes part (orbax would
+        # otherwise wait for all of them), so params must be host arrays (numpy) there.
+        me = jax.process_index()
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
         checkpointer.save(tmp / PARAMS_DIR, nn.unbox(params))
         checkpointer.wait_until_finished()
         if path.exists():
@@ -159,13 +163,19 @@ def load_pretrained(
     if dtype is not None:
         config = _with_param_dtype(config, dtype)
     abstract = nn.unbox(abstract_params(config))
+    checkpointer = ocp.StandardCheckpointer()
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+        # A restore onto this process's own device involves no other process (each process of a
+        # multi-process inference run loads its own copy, whenever it gets to it).
+        me = jax.process_index()
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+    params = checkpointer.restore(path / PARAMS_DIR, target)
     return config, params
 
 

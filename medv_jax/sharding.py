@@ -7,7 +7,11 @@ split along ``fsdp``; activations' batch axis along ``data`` x ``fsdp``.
 """
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import sys
+import threading
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -39,15 +43,118 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when launched on several hosts (a coordinator is named in
-    the environment, as on SLURM, TPU pods or with JAX_COORDINATOR_ADDRESS); no-op otherwise."""
-    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-    if any(os.environ.get(m) for m in markers) and jax.process_count() == 1:
+class DistributedSetupError(RuntimeError):
+    """A multi-process run that cannot start; the message is one line naming the setting to fix."""
+
+
+# Read by `maybe_initialize_distributed` (JAX itself reads only JAX_COORDINATOR_ADDRESS of these).
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+JOIN_TIMEOUT_ENV = "MEDV_DISTRIBUTED_TIMEOUT"  # seconds for every process to join (default 300)
+HEARTBEAT_TIMEOUT_ENV = "MEDV_HEARTBEAT_TIMEOUT"  # seconds before a silent peer ends the run (default 100)
+_CLUSTER_MARKERS = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _env_int(environ, name: str, default: int | None, minimum: int) -> int | None:
+    raw = environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise DistributedSetupError(f"{name}={raw!r}: give an integer >= {minimum}")
+    return value
+
+
+def distributed_settings(environ=None) -> dict[str, Any] | None:
+    """The ``jax.distributed.initialize`` arguments the environment asks for; None for one process.
+
+    Explicit: JAX_COORDINATOR_ADDRESS=host:port with JAX_NUM_PROCESSES and JAX_PROCESS_ID (any
+    launcher, e.g. the local one in docs/multihost.md). Detected by JAX: SLURM, TPU pods (then the
+    coordinator and ids come from the cluster). Bad values raise DistributedSetupError."""
+    environ = os.environ if environ is None else environ
+    address = environ.get("JAX_COORDINATOR_ADDRESS", "")
+    count = _env_int(environ, NUM_PROCESSES_ENV, None, 1)
+    pid = _env_int(environ, PROCESS_ID_ENV, None, 0)
+    timeouts = dict(initialization_timeout=_env_int(environ, JOIN_TIMEOUT_ENV, 300, 1),
+                    heartbeat_timeout_seconds=_env_int(environ, HEARTBEAT_TIMEOUT_ENV, 100, 1))
+    if (count is None) != (pid is None):
+        raise DistributedSetupError(f"set both {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}, or neither")
+    if count is not None:
+        if pid >= count:
+            raise DistributedSetupError(f"{PROCESS_ID_ENV}={pid} is out of range for {NUM_PROCESSES_ENV}={count} "
+                                        f"(ids are 0..{count - 1})")
+        if not address:
+            raise DistributedSetupError(f"{NUM_PROCESSES_ENV}={count} needs JAX_COORDINATOR_ADDRESS=host:port "
+                                        "(process 0's host, a free port)")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise DistributedSetupError(f"JAX_COORDINATOR_ADDRESS={address!r}: give host:port, e.g. 127.0.0.1:12355")
+        return dict(coordinator_address=address, num_processes=count, process_id=pid, **timeouts)
+    if address or any(environ.get(m) for m in _CLUSTER_MARKERS):
+        return dict(coordinator_address=address or None, **timeouts)  # JAX's cluster detection fills the rest
+    return None
+
+
+def _check_port_free(address: str) -> None:
+    """The coordinator (process 0) binds every interface at the port of ``address``; gRPC would
+    share a port another server holds, so a taken port is caught here, by name."""
+    port = int(address.rpartition(":")[2])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError) as e:  # single-host SLURM job, already initialised...
-            print(f"jax.distributed.initialize() skipped: {e}")
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise DistributedSetupError(f"JAX_COORDINATOR_ADDRESS={address}: port {port} is taken on this "
+                                            "host; pick a free port for process 0") from None
+            # no IPv6 here: try IPv4
+
+
+def maybe_initialize_distributed(environ=None) -> None:
+    """``jax.distributed.initialize`` when the environment names several processes
+    (``distributed_settings``); no-op otherwise or when already initialised.
+
+    JAX aborts the process (no Python exception) when the processes do not all join in time, so
+    a watchdog stops first with one line (exit status 2); a process count that the coordinator
+    does not confirm is an error too. A peer that dies later ends the others within the heartbeat
+    timeout (JAX's own message)."""
+    settings = distributed_settings(environ)
+    if settings is None or jax.distributed.is_initialized():
+        return
+    join_s = settings["initialization_timeout"]
+    count, pid = settings.get("num_processes"), settings.get("process_id")
+    if pid == 0:
+        _check_port_free(settings["coordinator_address"])
+    where = settings["coordinator_address"] or "the cluster's coordinator"
+    who = f"process {pid} of {count}" if count is not None else "this process"
+    done = threading.Event()
+
+    def give_up():
+        if not done.wait(join_s):
+            print(f"error: distributed start: {who} waited {join_s} s at {where} and not every process joined: "
+                  f"a peer is missing or {NUM_PROCESSES_ENV} differs from the processes started "
+                  f"(raise {JOIN_TIMEOUT_ENV} if they start slowly)", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    threading.Thread(target=give_up, daemon=True, name="distributed-join-watchdog").start()
+    # JAX's own deadline lies beyond the watchdog's so that the line above is what a user sees.
+    try:
+        jax.distributed.initialize(**{**settings, "initialization_timeout": join_s + 60})
+    except (RuntimeError, ValueError) as e:
+        done.set()
+        if count is None:  # a cluster JAX could not read (e.g. a SLURM allocation outside srun): one process
+            print(f"jax.distributed.initialize() skipped: {e}", file=sys.stderr)
+            return
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedSetupError(f"distributed start at {where} failed: {first}") from None
+    done.set()
+    if count is not None and jax.process_count() != count:
+        raise DistributedSetupError(f"{NUM_PROCESSES_ENV}={count} but the coordinator at {where} formed a run of "
+                                    f"{jax.process_count()} processes: give every process the same count")
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -596,18 +596,21 @@ class EncodeBatch(gp.MapTransform):
 
 
 class _BatchIndexSampler:
-    """grain sampler: element g -> global batch g, for num_batches batches (None: forever)."""
+    """Reads global batches ``start``, ``start + 1``, ... (up to ``num_batches`` when given)."""
 
-    def __init__(self, num_batches: int | None):
-        self.num_batches = num_batches
+    def __init__(self, num_batches: int | None, start: int = 0):
+        self.num_batches, self.start = num_batches, start
 
     def __getitem__(self, index: int):
-        if self.num_batches is not None and index >= self.num_batches:
+        key = self.start + index
+        if self.num_batches is not None and key >= self.num_batches:
             raise IndexError(index)
-        return gp.RecordMetadata(index=index, record_key=index)
+        return gp.RecordMetadata(index=index, record_key=key)
 
     def __repr__(self) -> str:
-        return f"_BatchIndexSampler(num_batches={self.num_batches})"
+        # start 0 keeps the repr grain recorded in earlier iterator states (set_state checks it)
+        extra = f", start={self.start}" if self.start else ""
+        return f"_BatchIndexSampler(num_batches={self.num_batches}{extra})"
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -646,6 +649,7 @@ def make_loader(
     read_threads: int = 2,
     prefetch: int | None = None,
     record_lengths: np.ndarray | None = None,
+    start_batch: int = 0,
 ):
     """A grain DataLoader of training batches (see the module docstring for the contract).
 
@@ -663,6 +667,9 @@ def make_loader(
 
     `it = iter(loader)`; `next(it)`; `it.get_state()` -> bytes; a fresh `iter(loader)` with
     `set_state(state)` continues with exactly the same next batch.
+    start_batch: begin at this global batch (counted over epochs). The plan does not depend on the
+      process count, so `start_batch` (unlike `get_state()`, which names this process's shard)
+      resumes a run on any number of processes.
     """
     source = as_source(records)
     index, count = _shard(shard_index, shard_count)
@@ -702,7 +709,7 @@ def make_loader(
                  dict(collections.Counter(int(x) for x in plan.lengths)))
     return gp.DataLoader(
         data_source=batches,
-        sampler=_BatchIndexSampler(None if num_epochs is None else len(batches)),
+        sampler=_BatchIndexSampler(None if num_epochs is None else len(batches), start_batch),
         operations=[EncodeBatch(tokenizer, config)],
         worker_count=worker_count,
         shard_options=gp.NoSharding(),

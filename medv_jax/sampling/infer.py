@@ -25,6 +25,11 @@ Answer rows: ``{"question_id", "prompt", "text", "answer_id", "model_id", "metad
   is empty, the checkpoint is a converted one and the tokenizer is its own.
 * A bad row (missing or unreadable image, malformed JSON, prompt too long) is reported on stderr
   with its id and skipped; the run goes on.
+* Several processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or
+  a SLURM / TPU launch; docs/multihost.md): process p of N answers the rows r with r % N == p
+  into ``ANSWERS.process-P`` beside the answers file; once all are done, process 0 appends them to
+  the answers file in question order (each question once) and removes them. A rerun after a
+  process died counts the answers of those files as done.
 * Row r of the question file draws its random numbers from ``fold_in(key(seed), r)``, so its
   answer does not depend on the batch it lands in, nor on resuming.
 """
@@ -96,12 +101,15 @@ def tfds_questions(spec: str, data_dir: str | None) -> Iterator[tuple[int, Any, 
         yield i, row, ""
 
 
-def answered_ids(path: str) -> set[str]:
-    """Question ids already in ``path``; a partly written last line (no newline) is cut off."""
+def answered_ids(path: str, repair: bool = True) -> set[str]:
+    """Question ids already in ``path``; a partly written last line (no newline) is cut off
+    (``repair``; otherwise, for a file another process may be writing, it is only ignored)."""
     if not os.path.exists(path):
         return set()
     with open(path, "rb") as f:
         data = f.read()
+    if data and not data.endswith(b"\n") and not repair:
+        data = data[: data.rfind(b"\n") + 1]
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
         print(f"warning: dropping a partly written last line of {path}", file=sys.stderr)
@@ -142,6 +150,44 @@ def checked_questions(rows: Iterator[tuple[int, Any, str]], where: str) -> list[
     return rows
 
 
+def part_file(answers_file: str, process_index: int) -> str:
+    """Where process ``process_index`` of a multi-process run writes its answers."""
+    return f"{answers_file}.process-{process_index}"
+
+
+def part_files(answers_file: str) -> list[str]:
+    """Part files beside ``answers_file`` (of any earlier process count too)."""
+    import glob
+
+    return sorted(glob.glob(glob.escape(answers_file) + ".process-*"))
+
+
+def merge_parts(answers_file: str, order: dict[str, int]) -> int:
+    """Append the part files' answers that ``answers_file`` lacks, in question order (``order``:
+    key -> row index), then remove the parts; returns how many were appended. Safe to repeat
+    after an interruption: what is already merged is not appended again."""
+    done = answered_ids(answers_file)
+    new: dict[str, tuple[int, str]] = {}
+    for part in part_files(answers_file):
+        with open(part, "rb") as f:
+            data = f.read()
+        for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines():
+            try:
+                key = _key(json.loads(line)["question_id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if key not in done and key not in new:
+                new[key] = (order.get(key, len(order)), line)
+    with open(answers_file, "a", encoding="utf-8") as out:
+        for _, line in sorted(new.values(), key=lambda x: x[0]):
+            out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    for part in part_files(answers_file):
+        os.remove(part)
+    return len(new)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda a: run(build_parser().parse_args(a)), argv, COMMAND)
 
@@ -159,10 +205,7 @@ def run(args: argparse.Namespace) -> int:
     if args.image_folder:
         existing_path("--image_folder", args.image_folder, "folder")
     image_options = cli.image_options(args)
-    from medv_jax.data import image as image_lib
-    from medv_jax.data.image_io import ImageReadError
     from medv_jax.models.medv import MedVConfig
-    from medv_jax.sampling import multimodal as mm
 
     if args.question_file:
         where = f"--question_file {args.question_file}"
@@ -177,27 +220,58 @@ def run(args: argparse.Namespace) -> int:
             raise
         except (ValueError, OSError) as e:
             raise UserError(f"--tfds {args.tfds}: {e}") from None
+    from medv_jax.sharding import DistributedSetupError, maybe_initialize_distributed
+
+    try:
+        maybe_initialize_distributed()
+    except DistributedSetupError as e:
+        raise UserError(str(e)) from None
     opened = cli.open_model(args)
     if not isinstance(opened[0], MedVConfig):
         raise UserError(f"--checkpoint {args.checkpoint!r} is a text-only LLaDA model: infer needs a MedV checkpoint")
 
-    done = answered_ids(args.answers_file)
+    process, processes = jax.process_index(), jax.process_count()
+    # Several processes: each writes its own file; process 0 merges them at the end.
+    own_file = part_file(args.answers_file, process) if processes > 1 else args.answers_file
+    done = answered_ids(args.answers_file, repair=processes == 1 or process == 0)
+    for part in part_files(args.answers_file) if processes > 1 else ():
+        done |= answered_ids(part, repair=part == own_file)
+    order: dict[str, int] = {}
     todo, bad = [], []
     for index, row, error in rows:
         if row is None:
             bad.append(error)
             print(f"skipping {error}", file=sys.stderr)
             continue
-        if _key(row["question_id"]) not in done:
+        key = _key(row["question_id"])
+        order.setdefault(key, index)
+        if key not in done and index % processes == process:
             todo.append((index, row))
     if args.limit is not None:
         todo = todo[: args.limit]
+    share = f" (process {process} of {processes})" if processes > 1 else ""
     print(
-        f"{len(done)} already answered, {len(todo)} to answer, {len(bad)} unreadable rows",
+        f"{len(done)} already answered, {len(todo)} to answer{share}, {len(bad)} unreadable rows",
         file=sys.stderr,
     )
-    if not todo:
-        return 0
+    if todo and (code := _answer(args, sampler_config, opened, image_options, todo, own_file, bad)):
+        return code
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("answers written")  # every part is complete
+        if process == 0:
+            merged = merge_parts(args.answers_file, order)
+            print(f"merged {merged} answers of {processes} processes into {args.answers_file}", file=sys.stderr)
+    return 0
+
+
+def _answer(args, sampler_config, opened, image_options: dict, todo, answers_file: str, bad: list) -> int:
+    """Answer ``todo`` ((row index, row) pairs) into ``answers_file`` (appended) with the model
+    ``opened`` (cli.open_model); exit status."""
+    from medv_jax.data import image as image_lib
+    from medv_jax.data.image_io import ImageReadError
+    from medv_jax.sampling import multimodal as mm
 
     config, params, tokenizer = cli.load_model(args, opened)
     lm = config.lm
@@ -230,9 +304,9 @@ def run(args: argparse.Namespace) -> int:
         progress = tqdm(total=len(todo), unit="q", file=sys.stderr)
     skipped, written, steps_used = [], 0, []
     compiled_widths: set[int] = set()
-    os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
     started = time.perf_counter()
-    with open(args.answers_file, "a", encoding="utf-8") as out:
+    with open(answers_file, "a", encoding="utf-8") as out:
         pending: list[tuple[int, dict, Any, str]] = []
 
         def flush_batch():
@@ -306,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     elapsed = time.perf_counter() - started
     print(
-        f"wrote {written} answers to {args.answers_file} in {elapsed:.1f}s; "
+        f"wrote {written} answers to {answers_file} in {elapsed:.1f}s; "
         f"skipped {len(skipped)} questions and {len(bad)} unreadable rows"
         + (f"; {np.mean(steps_used):.1f} denoising steps per answer" if steps_used else ""),
         file=sys.stderr,

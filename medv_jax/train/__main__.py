@@ -68,10 +68,15 @@ def _train(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from medv_jax.sharding import DistributedSetupError
     from medv_jax.train.trainer import train
 
     config = _CONFIG.value
-    summary = train(config, _WORKDIR.value or config.workdir)
+    try:
+        summary = train(config, _WORKDIR.value or config.workdir)
+    except DistributedSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     printable = {k: v for k, v in summary.items() if k not in ("vqa", "reports")}
     for key in ("vqa", "reports"):
         if key in summary:

@@ -1,8 +1,8 @@
 """The training loop: model and data from a config, sharded state, resumable orbax checkpoints,
 logging, held-out loss, and a final VQA evaluation through the sampler.
 
-A run never loses finished work: checkpoints (params, optimizer state, step, RNG and the grain
-iterator state) are written every ``checkpoint_every`` steps, at the end, and on SIGTERM; a
+A run never loses finished work: checkpoints (params, optimizer state, step, RNG and the position in
+the batch plan) are written every ``checkpoint_every`` steps, at the end, and on SIGTERM; a
 restart in the same workdir resumes from the latest one. A non-finite loss stops the run with the
 step and the batch's example ids, leaving the last good checkpoint in place.
 """
@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from medv_jax import checkpoint
@@ -46,7 +47,14 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
     """``tokenizer: "demo"`` builds the compact synthetic-set tokenizer inside the workdir,
     ``"demo_reports"`` the same with the findings reports' words."""
     if config.tokenizer in ("demo", "demo_reports"):
-        return synthetic.load_demo_tokenizer(str(workdir / "tokenizer"), reports=config.tokenizer == "demo_reports")
+        folder, reports = str(workdir / "tokenizer"), config.tokenizer == "demo_reports"
+        if jax.process_count() == 1:
+            return synthetic.load_demo_tokenizer(folder, reports=reports)
+        # One writer: the other processes read the files once process 0 has written them.
+        if jax.process_index() == 0:
+            synthetic.load_demo_tokenizer(folder, reports=reports)
+        multihost_utils.sync_global_devices("demo tokenizer written")
+        return tok_lib.load_tokenizer(folder)
     if not config.tokenizer:
         raise ValueError("config.tokenizer: give the tokenizer folder (e.g. the LLaDA-MedV HF folder)")
     return tok_lib.load_tokenizer(config.tokenizer)
@@ -201,23 +209,38 @@ def checkpoint_manager(workdir: Path, keep: int):
                                  item_names=("state", "data"))
 
 
-def save_checkpoint(manager, step: int, state, data_state: bytes) -> None:
+def save_checkpoint(manager, step: int, state, next_batch: int) -> None:
+    """The train state and the data position: the next global batch of the plan, the same on
+    every process and for any process count (a grain iterator state names one process's shard)."""
     import orbax.checkpoint as ocp
 
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"iterator": data_state.decode("latin-1")}),
+        data=ocp.args.JsonSave({"next_batch": int(next_batch)}),
     ))
 
 
 def restore_checkpoint(manager, step: int, abstract_state):
+    """(state, data position): the next global batch (int), or the grain iterator state (bytes)
+    of a checkpoint written before positions were saved."""
     import orbax.checkpoint as ocp
 
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
     ))
-    return restored["state"], restored["data"]["iterator"].encode("latin-1")
+    data = restored["data"]
+    position = int(data["next_batch"]) if "next_batch" in data else data["iterator"].encode("latin-1")
+    return restored["state"], position
+
+
+def host_params(state) -> Any:
+    """The full (trainable + frozen) params as numpy arrays on every process (on several
+    processes each holds only its shards, so they are gathered)."""
+    params = opt_lib.merge_params(state.params, state.frozen)
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 # ----- the loop ----------------------------------------------------------------------------------
@@ -293,7 +316,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     try:  # a run that fails before its first step leaves no half-made workdir behind
         tokenizer = load_tokenizer(config, workdir)
         model_cfg = model_config(config, tokenizer)
-        (workdir / "model_config.json").write_text(json.dumps(checkpoint.config_to_dict(model_cfg), indent=2))
+        if jax.process_index() == 0:
+            (workdir / "model_config.json").write_text(json.dumps(checkpoint.config_to_dict(model_cfg), indent=2))
         model = medv.MedV(model_cfg)
         mesh = shd.make_mesh(tuple(config.mesh))
         train_source, test_source = data_sources(config)
@@ -322,18 +346,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         else:
             state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed)
             del params
-        loader = pipeline.make_loader(train_source, tokenizer, bcfg, seed=config.seed,
-                                      worker_count=config.data.worker_count)
-        it = iter(loader)
         manager = checkpoint_manager(workdir, t.keep_checkpoints)
-        start_step = 0
+        start_step, position = 0, 0
         if manager.latest_step() is not None:
             start_step = manager.latest_step()
             abstract_state = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-            state, data_state = restore_checkpoint(manager, start_step, abstract_state)
-            it.set_state(data_state)
+            state, position = restore_checkpoint(manager, start_step, abstract_state)
             print(f"resumed from {workdir / 'checkpoints'} at step {start_step}")
+        loader = pipeline.make_loader(train_source, tokenizer, bcfg, seed=config.seed,
+                                      worker_count=config.data.worker_count,
+                                      start_batch=position if isinstance(position, int) else 0)
+        it = iter(loader)
+        if isinstance(position, bytes):
+            it.set_state(position)
+        next_batch = position if isinstance(position, int) else start_step
         first = next(it)
         example = {k: v for k, v in first.items() if k != "example_id"}
         train_step = step_lib.jit_train_step(step_lib.make_train_step(
@@ -357,7 +384,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     t_loop = time.time()
     try:
         while step < total_steps:
-            data_state = it.get_state()  # the state *after* this batch: resume continues from here
+            next_batch += 1  # the position *after* this batch: resume continues from here
             pad_window.append(pipeline.padding_fraction(batch, pad_fill))
             n_tokens += batch["tokens"].size * n_proc  # positions computed (per-batch lengths vary)
             device_batch, ids = _device_batch(batch, mesh)
@@ -381,7 +408,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             if eval_batches and t.eval_every and step % t.eval_every == 0:
                 log.write(step, {"loss": _held_out_loss(eval_loss, state, eval_batches, mesh)}, "eval")
             if step % t.checkpoint_every == 0 or step == total_steps or preempt.requested:
-                save_checkpoint(manager, step, state, data_state)
+                save_checkpoint(manager, step, state, next_batch)
             if preempt.requested:
                 manager.wait_until_finished()
                 print(f"SIGTERM: saved a checkpoint at step {step}; exiting")
@@ -398,15 +425,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         summary["padding_fraction"] = round(pad_sum / pad_steps, 4)
     if eval_batches:
         summary["held_out_loss"] = _held_out_loss(eval_loss, state, eval_batches, mesh)
+    params = host_params(state)  # every process takes part in gathering them
     if config.eval.num_examples and test_source is not None:
-        params = jax.device_get(opt_lib.merge_params(state.params, state.frozen))
         if config.data.source == "synthetic" and config.data.task == "report":
             summary["reports"] = evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg)
         else:
             summary["vqa"] = evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg)
     if jax.process_index() == 0:
         export = workdir / "model"
-        params = jax.device_get(opt_lib.merge_params(state.params, state.frozen))
         checkpoint.save_pretrained(export, model_cfg, params, overwrite=True)
         summary["model"] = str(export)
         summary["total_seconds"] = round(time.time() - t_start, 1)
