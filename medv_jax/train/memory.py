@@ -7,6 +7,11 @@ memory analysis is printed.
 CPU and GPU/TPU compilers schedule and fuse differently, so the figure is an estimate of the
 accelerator's: parameters, gradients and optimizer state are exact; activations and temporaries
 depend on the backend (remat keeps them to roughly one layer's worth per step).
+
+The attention kernel is compiled as ``--attention`` says. The model's default on CPU is the per-head
+form, which no accelerator runs and whose temporaries differ from the fused kernels', so the tool
+defaults to "xla" (``jax.nn.dot_product_attention``'s portable form, the closest CPU stand-in for
+the GPU/TPU kernels); the choice is printed with the figure.
 """
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ import argparse
 import os
 import runpy
 import sys
+
+# The attention kernels a command line names (medv_jax.models.layers.ATTENTION_CHOICES), written out
+# here because jax must not be imported before the fake devices are requested.
+ATTENTION_CHOICES = ("xla", "cudnn", "per_head")
 
 
 def _parse_mesh(text: str) -> tuple[int, int, int]:
@@ -30,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq_len", type=int, default=None, help="sequence length (default: config.data.max_length)")
     parser.add_argument("--crops", type=int, default=1, help="image crops per sequence (1 = square; 37 = anyres max)")
     parser.add_argument("--global_batch", type=int, default=None, help="default: config.train.global_batch")
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default="xla",
+                        help="attention kernel to compile (default xla: the CPU stand-in for the GPU/TPU "
+                             "path; per_head is the CPU default of training runs)")
     args = parser.parse_args(argv)
 
     n = args.mesh[0] * args.mesh[1] * args.mesh[2]
@@ -48,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = runpy.run_path(args.config)["get_config"]()
     m = config.model
-    numerics = _numerics(m)
+    numerics = {**_numerics(m), "attention_impl": args.attention}
     model_cfg = medv.MedVConfig(
         lm=llada.LLADA_PRESETS[m.lm_preset].replace(**dict(m.lm_overrides), **numerics),
         vision=siglip.SIGLIP_PRESETS[m.vision_preset].replace(**dict(m.vision_overrides), **numerics),
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         shardings, mesh, abstract_batch)
     print(f"compiling the train step: {args.config}, mesh {args.mesh}, batch {batch} x {seq} tokens, "
           f"{args.crops} crop(s), {model_cfg.lm.dtype} compute / {model_cfg.lm.param_dtype} params, "
-          f"remat {model_cfg.lm.remat_policy} ...", flush=True)
+          f"remat {model_cfg.lm.remat_policy}, attention {args.attention} ...", flush=True)
     compiled = step.lower(state, abstract_batch).compile()
     stats = compiled.memory_analysis()
     gib = 1024**3
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in rows:
         print(f"  {name:28s} {value / gib:8.2f} GiB per device")
     peak = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
-    print(f"  {'peak estimate':28s} {peak / gib:8.2f} GiB per device")
+    print(f"  {'peak estimate':28s} {peak / gib:8.2f} GiB per device (attention {args.attention})")
     return 0
 
 
