@@ -12,5 +12,5 @@ def get_config():
     c.model.lora.rank = 4
     c.model.lora.alpha = 8.0
     c.model.projector_param_dtype = "float32"
-    c.optim.param_groups = lora_groups(3e-3)
+    c.optim.param_groups = lora_groups(1e-2)
     return c
