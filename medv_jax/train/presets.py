@@ -108,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Stage 3: the paper's epochs per VQA training set.
+STAGE3_EPOCHS = {"vqa_rad": 2, "slake": 10, "pathvqa": 7}
+
+
 def finetune_config(name: str, init_from: str, epochs: int) -> ml_collections.ConfigDict:
     """Stages 2 and 3: LLM + projector (vision frozen), global batch 8, lr 1e-5 (LLaDA-V recipe)."""
     c = base_config()

@@ -91,9 +91,7 @@ def test_checkpoints_and_adapters_hold_only_the_trained_tensors(lora_run, base):
     # Adam's moments exist for the trained tensors only.
     moment_leaves = [x for x in jax.tree_util.tree_leaves(state["opt_state"]) if np.ndim(x) > 0]
     assert sum(np.size(x) for x in moment_leaves) == 2 * sum(np.size(x) for x in jax.tree_util.tree_leaves(state["params"]))
-    data = json.loads((step_dir / "data" / "data.json").read_text()) if (step_dir / "data" / "data.json").exists() else None
-    if data is not None:
-        assert data["base"] == str(base.absolute())
+    assert json.loads((step_dir / "data" / "metadata").read_text())["base"] == str(base.absolute())
 
     adapters_dir = lora_run / "adapters"
     assert checkpoint.adapters_base(adapters_dir) == str(base.absolute())
