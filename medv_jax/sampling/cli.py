@@ -6,7 +6,7 @@ import os
 from typing import Any, Sequence
 
 from medv_jax.data.dicom import WINDOW_CHOICES
-from medv_jax.models.layers import ATTENTION_CHOICES
+from medv_jax.models.layers import ATTENTION_CHOICES, WEIGHT_QUANT
 from medv_jax.models.llada import LLaDAConfig
 from medv_jax.models.medv import MedVConfig
 from medv_jax.sampling.diffusion import (
@@ -34,6 +34,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_tokenizer_mismatch_arg(g)
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    g.add_argument("--weight_quant", default=None, choices=WEIGHT_QUANT,
+                   help="weight-only quantization of the LM's dense kernels on load, per output channel "
+                        "(default: as the checkpoint is stored)")
+    g.add_argument("--merge_adapters", action="store_true",
+                   help="an adapters checkpoint (a LoRA run's workdir/adapters): merge the adapters into the "
+                        "base's kernels on load instead of computing them beside the kernels")
     g.add_argument(
         "--attention_impl", default=None, choices=ATTENTION_CHOICES,
         help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)",
@@ -243,7 +249,9 @@ def load_model(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) 
     from medv_jax import checkpoint
 
     _, tokenizer = opened or open_model(args)
-    config, params = checkpoint.load_pretrained(os.path.expanduser(args.checkpoint), dtype=args.param_dtype)
+    config, params = checkpoint.load_pretrained(
+        os.path.expanduser(args.checkpoint), dtype=args.param_dtype,
+        merge_adapters=getattr(args, "merge_adapters", False), weight_quant=getattr(args, "weight_quant", None))
     changes = {}
     if args.dtype is not None:
         changes["dtype"] = args.dtype

@@ -93,8 +93,14 @@ def load_model(
     dtype: str | None = None,
     attention_impl: str | None = None,
     allow_tokenizer_mismatch: bool = False,
+    weight_quant: str | None = None,
+    merge_adapters: bool = False,
 ) -> Model:
-    """Load a converted checkpoint and its tokenizer (``medv_jax.sampling.cli.load_model``)."""
+    """Load a converted checkpoint and its tokenizer (``medv_jax.sampling.cli.load_model``).
+
+    ``weight_quant``: "int8" / "int4" quantizes the LM's dense kernels (weight-only, per output
+    channel), "none" keeps them float, None as stored. ``merge_adapters``: an adapters checkpoint
+    is merged into its base's kernels instead of computed beside them."""
     args = argparse.Namespace(
         checkpoint=checkpoint,
         tokenizer=tokenizer,
@@ -102,6 +108,8 @@ def load_model(
         dtype=dtype,
         attention_impl=attention_impl,
         allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+        weight_quant=weight_quant,
+        merge_adapters=merge_adapters,
     )
     config, params, tok = cli.load_model(args)
     image_config = mm.image_config_for(config) if isinstance(config, MedVConfig) else None
