@@ -18,6 +18,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from medv_jax.models import layers
 
 LORA_A, LORA_B, KERNEL_SCALE = "lora_a", "lora_b", "kernel_scale"
+# Quantized weights and the name of their scales (dense kernels, the token embedding).
+SCALE_OF = {"kernel": KERNEL_SCALE, "embedding": "embedding_scale"}
+SCALES = set(SCALE_OF.values())
 QUANT_MAX = {"int8": 127, "int4": 7}
 
 
@@ -65,8 +68,9 @@ def merge_adapters(params: dict, scaling: float) -> dict:
     out = {}
     for module, leaves in _module_groups(flatten_dict(params)).items():
         leaves = dict(leaves)
-        if KERNEL_SCALE in leaves:
-            leaves["kernel"] = dequantize_kernel(leaves["kernel"], leaves.pop(KERNEL_SCALE))
+        for weight, scale in SCALE_OF.items():
+            if scale in leaves:
+                leaves[weight] = dequantize_kernel(leaves[weight], leaves.pop(scale))
         if LORA_A in leaves:
             a, b = leaves.pop(LORA_A), leaves.pop(LORA_B)
             kernel = jnp.asarray(leaves["kernel"], jnp.float32)
@@ -97,21 +101,21 @@ def conform_params(params: dict, abstract: dict, rng: jax.Array | None = None,
     out = {}
     for i, (path, leaf) in enumerate(sorted(flat_abs.items())):
         name = path[-1]
-        if name == KERNEL_SCALE:
+        if name in SCALES:
             continue
-        if path in flat_in and name == "kernel" and jnp.issubdtype(leaf.dtype, jnp.integer) \
+        if path in flat_in and name in SCALE_OF and jnp.issubdtype(leaf.dtype, jnp.integer) \
                 and not jnp.issubdtype(flat_in[path].dtype, jnp.integer):
-            scale_path = path[:-1] + (KERNEL_SCALE,)
+            scale_path = path[:-1] + (SCALE_OF[name],)
             quant = next(q for q, d in layers.QUANT_DTYPES.items() if jnp.dtype(d) == leaf.dtype)
             q, scale = quantize_kernel(flat_in[path], flat_abs[scale_path].shape, quant)
             out[path] = place(path, q, leaf)
             out[scale_path] = place(scale_path, scale, flat_abs[scale_path])
         elif path in flat_in:
             out[path] = place(path, jnp.asarray(flat_in[path]).astype(leaf.dtype), leaf)
-            scale_path = path[:-1] + (KERNEL_SCALE,)
-            if scale_path in flat_abs:
+            scale_path = path[:-1] + (SCALE_OF.get(name, KERNEL_SCALE),)
+            if name in SCALE_OF and scale_path in flat_abs:
                 if scale_path not in flat_in:
-                    raise ValueError(f"{'/'.join(map(str, path))}: integer kernel without its scale")
+                    raise ValueError(f"{'/'.join(map(str, path))}: integer weights without their scale")
                 out[scale_path] = place(scale_path, jnp.asarray(flat_in[scale_path], jnp.float32), flat_abs[scale_path])
         elif name == LORA_A:
             fan_in = int(np.prod(leaf.shape[:-1])) // _lead_size(flat_abs, path)

@@ -125,6 +125,27 @@ class FlatDense(nn.Module):
         return y.reshape(lead + features)
 
 
+class QuantizedEmbed(nn.Module):
+    """An embedding table stored as symmetric integers with one float32 scale per row
+    (``embedding``: ``[num_embeddings, features]`` integers, ``embedding_scale``:
+    ``[num_embeddings, 1]``); a lookup gathers the rows and their scales only."""
+
+    num_embeddings: int
+    features: int
+    weight_quant: str
+    dtype: Any = jnp.float32
+    names: tuple[str | None, ...] = ("embed_vocab", "embed")
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        table = self.param("embedding", param_init(nn.initializers.zeros, self.names),
+                           (self.num_embeddings, self.features), QUANT_DTYPES[self.weight_quant])
+        scale = self.param("embedding_scale", param_init(nn.initializers.ones, (self.names[0], None)),
+                           (self.num_embeddings, 1), jnp.float32)
+        rows = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        return rows * jnp.take(scale, tokens, axis=0).astype(self.dtype)
+
+
 def _axis_names(init: Callable) -> tuple[str | None, ...] | None:
     """The logical axis names a ``param_init`` initializer tags its parameter with (None if untagged).
 

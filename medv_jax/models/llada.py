@@ -69,8 +69,8 @@ class LLaDAConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = DEFAULT_LORA_TARGETS
-    # Weight-only quantization of every dense kernel of the LM (attention, MLP, LM head; the
-    # embedding stays in param_dtype): "none" | "int8" | "int4", per output channel.
+    # Weight-only quantization of the LM's weight matrices: "none" | "int8" | "int4", per output
+    # channel for the dense kernels (attention, MLP, LM head), per row for the token embedding.
     weight_quant: str = "none"
 
     def __post_init__(self):
@@ -274,13 +274,16 @@ class LLaDA(nn.Module):
     def setup(self):
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=layers.normal_init(cfg.init_std, ("embed_vocab", "embed")),
-        )
+        if cfg.weight_quant == "none":
+            self.embed_tokens = nn.Embed(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=layers.normal_init(cfg.init_std, ("embed_vocab", "embed")),
+            )
+        else:
+            self.embed_tokens = layers.QuantizedEmbed(cfg.vocab_size, cfg.hidden_size, cfg.weight_quant, dtype)
         # kv (the per-layer cache) is sliced on its leading layer axis; the rest is broadcast.
         self.layers = layers.scan_layers(
             Block,

@@ -71,7 +71,8 @@ def test_weight_only_quantization_stays_close_to_the_float_model(quant, toleranc
     q = params["layers"]["mlp"]["up_proj"]
     assert q["kernel"].dtype == jnp.dtype(quant) and q["kernel_scale"].shape == (LM.num_layers, 1, LM.mlp_hidden_size)
     assert params["lm_head"]["kernel"].dtype == jnp.dtype(quant)
-    assert params["embed_tokens"]["embedding"].dtype == jnp.float32  # the embedding is not quantized
+    embedding = params["embed_tokens"]  # quantized per row
+    assert embedding["embedding"].dtype == jnp.dtype(quant) and embedding["embedding_scale"].shape == (256, 1)
     ref, out = np.asarray(_logits(LM, base)), np.asarray(_logits(qcfg, params))
     relative = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert 0 < relative < tolerance, relative
