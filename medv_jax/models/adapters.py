@@ -8,7 +8,7 @@ size 1 on the contracted axes, and an adapter pair is contracted over its rank a
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,16 +84,14 @@ def adapter_leaves(params: dict) -> dict:
     return unflatten_dict({k: v for k, v in flatten_dict(params).items() if k[-1] in (LORA_A, LORA_B)})
 
 
-def conform_params(params: dict, abstract: dict, rng: jax.Array | None = None,
-                   place: Callable[[tuple, Any, Any], Any] | None = None) -> dict:
+def conform_params(params: dict, abstract: dict, rng: jax.Array | None = None) -> dict:
     """The tree ``abstract`` (unboxed ``ShapeDtypeStruct`` leaves of the configured model) describes,
     from ``params``: leaves present in both are cast to the abstract dtype; float kernels the
     model stores quantized are quantized (their ``kernel_scale`` computed); adapters missing from
     ``params`` start fresh (``lora_a`` ~ N(0, 1/fan_in), ``lora_b`` = 0, so the model's output is
-    unchanged). Any other missing or extra leaf is an error. ``place(path, value, abstract_leaf)``,
-    if given, puts each produced leaf where it belongs (e.g. into its shards)."""
+    unchanged). Any other missing or extra leaf is an error. Traceable: under ``jax.jit`` with
+    ``out_shardings`` it builds the tree straight into its shards."""
     flat_in, flat_abs = flatten_dict(params), flatten_dict(abstract)
-    place = place or (lambda path, value, leaf: value)
     extra = [k for k in flat_in if k not in flat_abs and k[-1] not in (LORA_A, LORA_B)]
     if extra:
         raise ValueError(f"parameters the model does not have: {['/'.join(map(str, k)) for k in extra[:5]]}")
@@ -108,21 +106,21 @@ def conform_params(params: dict, abstract: dict, rng: jax.Array | None = None,
             scale_path = path[:-1] + (SCALE_OF[name],)
             quant = next(q for q, d in layers.QUANT_DTYPES.items() if jnp.dtype(d) == leaf.dtype)
             q, scale = quantize_kernel(flat_in[path], flat_abs[scale_path].shape, quant)
-            out[path] = place(path, q, leaf)
-            out[scale_path] = place(scale_path, scale, flat_abs[scale_path])
+            out[path] = q
+            out[scale_path] = scale
         elif path in flat_in:
-            out[path] = place(path, jnp.asarray(flat_in[path]).astype(leaf.dtype), leaf)
+            out[path] = jnp.asarray(flat_in[path]).astype(leaf.dtype)
             scale_path = path[:-1] + (SCALE_OF.get(name, KERNEL_SCALE),)
             if name in SCALE_OF and scale_path in flat_abs:
                 if scale_path not in flat_in:
                     raise ValueError(f"{'/'.join(map(str, path))}: integer weights without their scale")
-                out[scale_path] = place(scale_path, jnp.asarray(flat_in[scale_path], jnp.float32), flat_abs[scale_path])
+                out[scale_path] = jnp.asarray(flat_in[scale_path], jnp.float32)
         elif name == LORA_A:
             fan_in = int(np.prod(leaf.shape[:-1])) // _lead_size(flat_abs, path)
             value = jax.random.normal(jax.random.fold_in(rng, i), leaf.shape, jnp.float32) * fan_in**-0.5
-            out[path] = place(path, value.astype(leaf.dtype), leaf)
+            out[path] = value.astype(leaf.dtype)
         elif name == LORA_B:
-            out[path] = place(path, jnp.zeros(leaf.shape, leaf.dtype), leaf)
+            out[path] = jnp.zeros(leaf.shape, leaf.dtype)
         else:
             raise ValueError(f"missing parameter {'/'.join(map(str, path))}")
     return unflatten_dict(out)

@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
           f"remat {model_cfg.lm.remat_policy}, attention {args.attention} ...", flush=True)
     compiled = step.lower(state, abstract_batch).compile()
     stats = compiled.memory_analysis()
-    gib = 1024**3
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(nn.unbox(boxed)))
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     print(f"params {n_params / 1e9:.3f} B ({n_trainable / 1e9:.3f} B trainable)")

@@ -3,14 +3,12 @@ its start, a SIGKILLed run resumes to exactly the uninterrupted losses, checkpoi
 adapters hold only the trained tensors (plus the base's path), and the adapters load merged and
 unmerged to the same logits."""
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
