@@ -14,6 +14,11 @@ Parameter tree (kernels are ``[in, out]``; leading ``L`` is the scanned layer ax
     layers/mlp/{gate,up}_proj/kernel [L, D, F];  layers/mlp/down_proj/kernel [L, F, D]
     final_norm/scale            [D]
     lm_head/kernel              [D, V]
+
+With ``lora_rank`` > 0 a targeted kernel's module also holds ``lora_a`` ``[L, *in, r]`` and ``lora_b``
+``[L, r, *out]``; with ``weight_quant`` the kernels are integers beside a float32 ``kernel_scale``
+(``[L, 1.., *out]``) and the embedding beside ``embedding_scale`` ``[V, 1]`` (layers.FlatDense,
+layers.QuantizedEmbed).
 """
 from __future__ import annotations
 
