@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from medv_jax.evaluate import conversation, report, run_vqa, sweep, synthetic_reports
-from medv_jax.evaluate.records import load_records, write_json
+from medv_jax.data.records import load_records, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.vqa_scoring import (
     format_vqa_table,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from medv_jax.evaluate import generation, judge
-from medv_jax.evaluate.records import first_field, id_key, load_records, record_id, write_json
+from medv_jax.data.records import first_field, id_key, load_records, record_id, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.tables import format_table
 

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
-from medv_jax.evaluate.records import id_key, load_records
+from medv_jax.data.records import id_key, load_records
 
 __all__ = [
     "ANSWERS",

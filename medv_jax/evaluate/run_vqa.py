@@ -23,7 +23,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from medv_jax.evaluate import generation
-from medv_jax.evaluate.records import first_field, load_records, record_id, write_json
+from medv_jax.data.records import first_field, load_records, record_id, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.vqa_scoring import (
     format_vqa_table,

@@ -30,7 +30,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from medv_jax.evaluate import conversation, generation, run_vqa, synthetic_reports
-from medv_jax.evaluate.records import write_json
+from medv_jax.data.records import write_json
 from medv_jax.evaluate.repetition import repetition_stats
 from medv_jax.evaluate.tables import format_table
 

@@ -28,8 +28,14 @@ from medv_jax import checkpoint
 from medv_jax import sharding as shd
 from medv_jax.data import pipeline
 from medv_jax.data import synthetic
+from medv_jax.data.records import load_records
+from medv_jax.data.tfds_vqa import read_split
+from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
 from medv_jax.data import tokenizer as tok_lib
 from medv_jax.models import llada, medv, siglip
+from medv_jax.sampling.diffusion import SamplerConfig
+from medv_jax.sampling.multimodal import (PromptBatch, image_config_for, sample_medv, system_prompt_for,
+                                          with_tokenizer_ids)
 from medv_jax.train import loss as loss_lib
 from medv_jax.train import optimizer as opt_lib
 from medv_jax.train import step as step_lib
@@ -103,7 +109,6 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfi
     """The MedV config: from ``init_from`` (a converted MedV checkpoint), or from presets with
     ``init_lm_from`` / ``init_vision_from`` (converted LLaDA / SigLIP checkpoints) replacing the LM
     and tower shapes; special ids always come from the tokenizer."""
-    from medv_jax.sampling.multimodal import with_tokenizer_ids
 
     m = config.model
     numerics = _numerics(m)
@@ -168,20 +173,14 @@ def data_sources(config: ml_collections.ConfigDict):
 
 
 def _load_tfds_records(spec: str, data_dir: str | None):
-    from medv_jax.data.tfds_vqa import read_split
-
     return pipeline.RecordList(read_split(spec, data_dir or None), name=spec)
 
 
 def _load_json_records(path: str):
-    from medv_jax.evaluate.records import load_records
-
     return pipeline.RecordList(load_records(path))
 
 
 def batch_config(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, batch_size: int):
-    from medv_jax.sampling.multimodal import image_config_for, system_prompt_for
-
     d = config.data
     return pipeline.BatchConfig(
         batch_size=batch_size,
@@ -462,9 +461,6 @@ def _held_out_loss(eval_loss, state, batches, mesh) -> float:
 def generated_answers(config, model_cfg, params, tokenizer, test_source, bcfg):
     """Yields (example id, question, reference answer, answer type, generated text, answer tokens)
     for the first ``eval.num_examples`` test records, answered by the jitted sampler."""
-    from medv_jax.sampling.diffusion import SamplerConfig
-    from medv_jax.sampling.multimodal import PromptBatch, sample_medv
-
     e = config.eval
     sampler = SamplerConfig(gen_length=e.gen_length, block_length=e.block_length, steps=e.steps)
     batches = pipeline.make_prompt_batches(test_source, tokenizer, bcfg, batch_size=e.batch_size,
@@ -510,8 +506,6 @@ def evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg) ->
 
 def evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg) -> dict[str, Any]:
     """Answer test questions with the jitted sampler and score them as LLaVA-Med does."""
-    from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
-
     refs, preds, examples = [], {}, []
     t0 = time.time()
     n_tokens = 0
