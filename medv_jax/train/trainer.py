@@ -9,6 +9,7 @@ step and the batch's example ids, leaving the last good checkpoint in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -130,11 +131,17 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfi
     return with_tokenizer_ids(cfg, tokenizer)
 
 
+def sharding_rules(config: ml_collections.ConfigDict):
+    """The logical-axis rules of ``config.sharding_rules`` (the default table where unset)."""
+    rules = config.get("sharding_rules")
+    return shd.rules_from_config(rules) if rules else shd.LOGICAL_AXIS_RULES
+
+
 def initial_params(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, mesh, seed: int):
     """Params to start from, restored straight into their shards; None for a random start.
 
     With ``init_lm_from`` / ``init_vision_from`` the projector (and image_newline) start random."""
-    shardings = shd.logical_shardings(medv.abstract_params(model_cfg), mesh)
+    shardings = shd.logical_shardings(medv.abstract_params(model_cfg), mesh, sharding_rules(config))
     dtype = model_cfg.lm.param_dtype
     if config.get("init_from"):
         return checkpoint.load_pretrained(config.init_from, shardings, dtype)[1]
@@ -287,7 +294,7 @@ class MetricsLog:
             self.tb.close()
 
 
-def make_eval_loss(model, mesh, shardings, batch_example):
+def make_eval_loss(model, mesh, shardings, batch_example, rules=shd.LOGICAL_AXIS_RULES):
     """Held-out loss with fixed mask draws (a deterministic number to watch)."""
 
     def fn(state, batch, rng):
@@ -296,7 +303,8 @@ def make_eval_loss(model, mesh, shardings, batch_example):
         return loss_lib.diffusion_loss(model, params, batch, masked, p)[0]
 
     batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in batch_example.items()}
-    return jax.jit(fn, in_shardings=(shardings, batch_sh, shd.replicated(mesh)))
+    return jax.jit(functools.partial(step_lib.traced_with_layout, fn, mesh, rules),
+                   in_shardings=(shardings, batch_sh, shd.replicated(mesh)))
 
 
 def _device_batch(batch: dict[str, np.ndarray], mesh) -> tuple[dict[str, jax.Array], np.ndarray]:
@@ -319,6 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             (workdir / "model_config.json").write_text(json.dumps(checkpoint.config_to_dict(model_cfg), indent=2))
         model = medv.MedV(model_cfg)
         mesh = shd.make_mesh(tuple(config.mesh))
+        rules = sharding_rules(config)
         train_source, test_source = data_sources(config)
 
         t = config.train
@@ -341,9 +350,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         params = initial_params(config, model_cfg, mesh, config.seed)
         if params is None:
             init_fn = lambda rng: medv.init_params(model_cfg, rng, boxed=True)
-            state, shardings = step_lib.init_sharded_state(init_fn, tx, groups, mesh, config.seed)
+            state, shardings = step_lib.init_sharded_state(init_fn, tx, groups, mesh, config.seed, rules)
         else:
-            state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed)
+            state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed,
+                                                              rules)
             del params
         manager = checkpoint_manager(workdir, t.keep_checkpoints)
         start_step, position = 0, 0
@@ -363,8 +373,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         first = next(it)
         example = {k: v for k, v in first.items() if k != "example_id"}
         train_step = step_lib.jit_train_step(step_lib.make_train_step(
-            model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))), shardings, mesh, example)
-        eval_loss = make_eval_loss(model, mesh, shardings, example)
+            model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))),
+            shardings, mesh, example, rules)
+        eval_loss = make_eval_loss(model, mesh, shardings, example, rules)
         eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []
     except BaseException:
         if new_workdir:
