@@ -271,3 +271,44 @@ def test_api_key(model):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="s3cret").models.list().data] == ["m"]
         assert httpx.get(url + "/health").status_code == 200  # health needs no key
+
+
+def test_the_command_serves_on_127_0_0_1(tiny, model):
+    """python -m medv_jax.serve.api in its own process: compiles the defaults, then answers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+               XLA_FLAGS="", MEDV_API_KEY="k")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medv_jax.serve.api", "--checkpoint", tiny["checkpoint"], "--tokenizer",
+         tiny["tokenizer"], "--port", str(port), "--batch_sizes", "1,2", "--gen_length", "8",
+         "--block_length", "4", "--steps", "4", "--served_name", "tiny"],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
+        scan = tiny["images"] / "scan.png"
+        reply = client.chat.completions.create(model="tiny", messages=[user("Is there a fracture?", scan)])
+        assert reply.model_extra["medv"]["token_ids"] == model.answer(scan, "Is there a fracture?", sampler=DEFAULTS).token_ids
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=60)[0]
+    assert "compiled the default settings for batch sizes [1, 2]" in output
