@@ -4,10 +4,11 @@ The evaluation commands do not run a batch loop of their own: they write the que
 infer question file in the run folder (a record of what was asked) and answer it with
 :func:`medv_jax.sampling.answers.answer_questions` on a model from
 :func:`medv_jax.sampling.api.load`, the same function and batching ``python -m medv_jax.infer``
-uses, so the answers (``RUN_DIR/answers.jsonl``) and its resume rules are exactly infer's. Model
-and sampler flags are declared with the shared helpers of :mod:`medv_jax.sampling.cli`; the
-sampler settings go to ``api.sampler_config`` by the names those flags carry, so a sampler flag
-added there (e.g. a fast sampling mode) reaches these commands too.
+uses, so the answers (``RUN_DIR/answers.jsonl``) and its resume rules are exactly infer's. The
+model and sampler flags are declared by the evaluate command (``medv_jax.evaluate.__main__``
+passes its ``generation_flags`` to each subcommand's ``add_arguments``); the sampler settings go
+to ``api.sampler_config`` by the names those flags carry, so a sampler flag added there (e.g. a
+fast sampling mode) reaches these commands too.
 
 Timing. Each call no per-answer times, so each call is timed here and appended to
 ``RUN_DIR/timing.jsonl`` as ``{"answered": n, "wall_seconds": t, "question_ids": [...]}``; an
@@ -35,7 +36,6 @@ __all__ = [
     "ANSWERS",
     "QUESTIONS",
     "TIMING",
-    "add_generation_arguments",
     "load_model",
     "sampler_for",
     "sampler_settings",
@@ -50,35 +50,13 @@ ANSWERS = "answers.jsonl"
 QUESTIONS = "questions.jsonl"
 TIMING = "timing.jsonl"
 
-def add_generation_arguments(
-    parser: argparse.ArgumentParser, gen_length: int, block_length: int, steps: int
-) -> None:
-    """Model and sampler flags (the shared ones of ``medv_jax.sampling.cli``) plus infer's
-    batching flags, with the benchmark's paper defaults for the schedule."""
-    from medv_jax.sampling import cli
-    from medv_jax.sampling.diffusion import SamplerConfig
-
-    cli.add_model_args(parser)
-    cli.add_image_args(parser)
-    cli.add_sampler_args(
-        parser, SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps)
-    )
-    g = parser.add_argument_group("inference")
-    g.add_argument("--image_folder", default="", help="folder the questions' image paths are relative to")
-    g.add_argument("--batch_size", type=int, default=8, help="questions per jitted batch")
-    g.add_argument("--prompt_length", type=int, default=0, help="fixed prompt width; 0 = per batch, bucketed")
-    g.add_argument("--model_id", default=None, help="model_id written in answers")
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
-
-
 def sampler_settings(args: argparse.Namespace, overrides: Mapping[str, Any] = {}) -> dict[str, Any]:
-    """The sampler flags of a run (every flag of the shared sampler group), for its metrics file."""
-    from medv_jax.sampling import cli
+    """The sampler settings of a run (the Python API's names, as the sampler flags carry them, and
+    the seed), for its metrics file."""
+    from medv_jax.sampling import api
 
-    probe = argparse.ArgumentParser(add_help=False)
-    cli.add_sampler_args(probe)
     values = {**vars(args), **overrides}
-    return {a.dest: values.get(a.dest) for a in probe._actions if a.option_strings}
+    return {name: values.get(name) for name in (*api.SAMPLER_SETTINGS, "seed")}
 
 
 def sampler_for(args: argparse.Namespace, overrides: Mapping[str, Any] = {}) -> Any:
@@ -166,12 +144,12 @@ def generate_answers(
     run_dir: str,
     overrides: Mapping[str, Any] = {},
 ) -> dict[str, Any]:
-    """Answer ``rows`` into ``run_dir/answers.jsonl`` with infer (resuming), timing the call.
+    """Answer ``rows`` into ``run_dir/answers.jsonl`` as infer would (resuming), timing the call.
 
     Returns ``{"answered": new answers, "wall_seconds": ..., "total": answers on file}``.
     Raises UserError, before anything is written, for a mistake in the questions, the sampler
     settings or the model flags."""
-    from medv_jax.sampling import answers, api
+    from medv_jax.sampling import answers
 
     values = {**vars(args), **overrides}
     answers.checked_questions(((i, dict(r), "") for i, r in enumerate(rows)), "questions")

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from medv_jax.evaluate import __main__ as evaluate_command
 from medv_jax.evaluate import generation, run_vqa
 from medv_jax.sampling import cli, infer
 from medv_jax.user_errors import UserError
@@ -15,7 +16,7 @@ from medv_jax.user_errors import UserError
 
 def _args(extra: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    run_vqa.add_arguments(parser)
+    run_vqa.add_arguments(parser, evaluate_command.generation_flags)
     return parser.parse_args(["--checkpoint", "ck", "--tokenizer", "tok", "--out", "run"] + extra)
 
 
