@@ -16,7 +16,8 @@ any user message and is placed at the start of the first user turn (as in traini
 
 Batching (``Batcher``): requests wait in one bounded queue; a worker thread takes the oldest
 request and every queued request with the same sampler settings and prompt width (prompts are
-padded to the model's ``prompt_bucket``), waiting up to ``window_s`` for more to arrive, and runs
+padded to the model's ``prompt_bucket``), waiting up to ``window_s`` for more to arrive (unless
+the last batch had a single row: a lone client is not delayed), and runs
 them as one batch padded with inert rows to the next of ``batch_sizes``; so the programs are one
 per (schedule, batch size, prompt width), compiled for the defaults at start-up (``warm_up``).
 A full queue answers HTTP 503 with Retry-After; a bad request HTTP 400 with an OpenAI error body,
@@ -47,6 +48,7 @@ from medv_jax.user_errors import UserError
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+BATCH_HISTORY = 10_000
 # Extra body fields: the sampler's (the commands' flag names) and the DICOM display window.
 SAMPLER_FIELDS = tuple(k for k in api.SAMPLER_SETTINGS if k not in ("gen_length", "temperature"))
 DICOM_FIELDS = ("dicom_window", "dicom_frame")
@@ -351,7 +353,9 @@ class Batcher:
             if self._stopped:
                 return None
             first = self._pending[0]
-            deadline = first.arrived + self.window_s
+            # A lone client (the last batch had one row) is not kept waiting for company.
+            alone = bool(self.batches_run) and self.batches_run[-1] == 1
+            deadline = first.arrived + (0.0 if alone else self.window_s)
             while True:
                 group = [q for q in self._pending if q.group == first.group][: self.max_batch]
                 left = deadline - time.monotonic()
@@ -387,6 +391,8 @@ class Batcher:
             finally:
                 self._running = []
                 self.batches_run.append(len(batch))
+                if len(self.batches_run) > 2 * BATCH_HISTORY:  # a long-running server keeps the recent ones
+                    del self.batches_run[:BATCH_HISTORY]
 
     def _on_block(self, block: Any, tokens: Any, stop: Any) -> None:
         """The sampler's host callback: post each streaming row's finished text."""
@@ -444,7 +450,9 @@ def build_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "queued": batcher.queued(), "batches_run": len(batcher.batches_run)}
+        recent = batcher.batches_run[-100:]
+        return {"status": "ok", "model": name, "queued": batcher.queued(),
+                "recent_mean_batch": sum(recent) / len(recent) if recent else None}
 
     @app.get("/v1/models")
     async def models(request: Request):
