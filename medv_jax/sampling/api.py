@@ -18,10 +18,9 @@ its rows). A row's answer never depends on the rows batched with it under the ex
 (the fast modes advance blocks batch-wide, see ``medv_jax.sampling.diffusion``).
 
 Prompts are left padded to a multiple of ``prompt_bucket`` tokens and images always get the same
-number of crop slots, so a few programs serve every question; a row's answer is the same alone
-or in a batch because the prompt width of a batch is each row's own bucket (rows of different
-buckets are padded to the widest, which does not change a row's result beyond floating-point
-rounding).
+number of crop slots, so a few programs serve every question. A batch is padded to its widest
+row; padding is masked out, so it changes a row's logits by floating-point rounding at most
+(tests/sampling/test_api.py finds the tokens equal alone and batched).
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ any user message and is placed at the start of the first user turn (as in traini
 
 Batching (``Batcher``): requests wait in one bounded queue; a worker thread takes the oldest
 request and every queued request with the same sampler settings and prompt width (prompts are
-padded to the model's ``prompt_bucket``), waiting up to ``window_s`` for more to arrive (unless
-the last batch had a single row: a lone client is not delayed), and runs
+padded to the model's ``prompt_bucket``), waiting up to ``window_s`` (from when the device became
+free) for the last batch's clients to come back (a lone client is not delayed), and runs
 them as one batch padded with inert rows to the next of ``batch_sizes``; so the programs are one
 per (schedule, batch size, prompt width), compiled for the defaults at start-up (``warm_up``).
 A full queue answers HTTP 503 with Retry-After; a bad request HTTP 400 with an OpenAI error body,
@@ -296,6 +296,8 @@ class Batcher:
         self._running: list[_Queued] = []
         self._cond = threading.Condition()
         self._stopped = False
+        self._free_since = 0.0
+        self._expected = 0  # requests likely to be here soon: the last batch's and those waiting
         self._thread: threading.Thread | None = None
         self.batches_run: list[int] = []  # rows of each batch run (for tests and the health page)
 
@@ -353,13 +355,16 @@ class Batcher:
             if self._stopped:
                 return None
             first = self._pending[0]
-            # A lone client (the last batch had one row) is not kept waiting for company.
-            alone = bool(self.batches_run) and self.batches_run[-1] == 1
-            deadline = first.arrived + (0.0 if alone else self.window_s)
+            # Clients that just had their answers tend to come back: wait (up to the window,
+            # counted from when the device became free) for the last batch's requesters and those
+            # that were already waiting, so that alternating groups merge; a lone client is never
+            # kept waiting for company.
+            target = min(self._expected or self.max_batch, self.max_batch)
+            deadline = max(first.arrived, self._free_since) + self.window_s
             while True:
                 group = [q for q in self._pending if q.group == first.group][: self.max_batch]
                 left = deadline - time.monotonic()
-                if len(group) >= self.max_batch or left <= 0 or self._stopped:
+                if len(group) >= target or left <= 0 or self._stopped:
                     break
                 self._cond.wait(left)
             taken = set(map(id, group))
@@ -390,6 +395,9 @@ class Batcher:
                     q.post("done", answer)
             finally:
                 self._running = []
+                with self._cond:
+                    self._expected = len(batch) + len(self._pending)
+                    self._free_since = time.monotonic()
                 self.batches_run.append(len(batch))
                 if len(self.batches_run) > 2 * BATCH_HISTORY:  # a long-running server keeps the recent ones
                     del self.batches_run[:BATCH_HISTORY]
