@@ -43,6 +43,19 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
+    """``config.sharding_rules`` (pairs of a logical name and a mesh axis, a tuple of mesh axes or
+    None) as the rules tuple; an unknown mesh axis is an error naming the rule."""
+    out = []
+    for rule in rules:
+        name, axes = rule
+        for axis in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+            if axis not in MESH_AXES:
+                raise ValueError(f"config.sharding_rules: {name!r} -> {axes!r}: mesh axes are {MESH_AXES}")
+        out.append((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
+
+
 class DistributedSetupError(RuntimeError):
     """A multi-process run that cannot start; the message is one line naming the setting to fix."""
 
@@ -173,7 +186,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def _spec_for(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
+def spec_for(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
     """Mesh spec for one array; a dimension its mesh axes do not divide stays replicated."""
     table = dict(rules)
     out, used = [], set()
@@ -195,7 +208,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES)
     specs = nn.get_partition_spec(abstract_boxed)
     shapes = nn.unbox(abstract_boxed)
     return jax.tree_util.tree_map(
-        lambda spec, a: NamedSharding(mesh, _spec_for(spec, a.shape, mesh, rules)),
+        lambda spec, a: NamedSharding(mesh, spec_for(spec, a.shape, mesh, rules)),
         specs,
         shapes,
         is_leaf=lambda x: isinstance(x, PartitionSpec),

@@ -31,6 +31,7 @@ SAMPLER = "--gen_length 4 --block_length 4 --steps 4"
 def _commands():
     from medv_jax.data.tfds import __main__ as tfds_cli
     from medv_jax.evaluate import __main__ as evaluate_cli
+    from medv_jax.serve import api as serve_api
     from medv_jax.serve import cli as serve_cli
     from medv_jax.train import __main__ as train_cli
     from tools.convert_weights import __main__ as convert_cli
@@ -41,6 +42,7 @@ def _commands():
         "evaluate": evaluate_cli.main,
         "train": train_cli.main,
         "serve": serve_cli.main,
+        "serve.api": serve_api.main,
         "convert": convert_cli.main,
         "tfds": tfds_cli.main,
     }
@@ -190,6 +192,13 @@ MISTAKES = [
     ("serve: another checkpoint's tokenizer", "serve", "--checkpoint {checkpoint} --tokenizer {other_tokenizer}", ["does not belong"]),
     ("serve: no demo model", "serve", "", ["no demo model", "python -m medv_jax.train --config=configs/demo.py"]),
     ("serve: bad port", "serve", "--checkpoint {checkpoint} --tokenizer {tokenizer} --port 99999", ["--port"]),
+    # serve.api
+    ("serve.api: no such checkpoint", "serve.api", "--checkpoint {root}/nope --tokenizer {tokenizer}", ["--checkpoint", "no such folder"]),
+    ("serve.api: another checkpoint's tokenizer", "serve.api", "--checkpoint {checkpoint} --tokenizer {other_tokenizer}", ["does not belong"]),
+    ("serve.api: no demo model", "serve.api", "", ["no demo model", "python -m medv_jax.train --config=configs/demo.py"]),
+    ("serve.api: batch sizes not numbers", "serve.api", "--checkpoint {checkpoint} --tokenizer {tokenizer} --batch_sizes 1,four", ["--batch_sizes", "1,four"]),
+    ("serve.api: empty queue", "serve.api", "--checkpoint {checkpoint} --tokenizer {tokenizer} --max_queue 0", ["--max_queue"]),
+    ("serve.api: bad sampler schedule", "serve.api", "--checkpoint {checkpoint} --tokenizer {tokenizer} --gen_length 10 --block_length 4", ["not a multiple of block_length"]),
     # convert_weights
     ("convert: no such source", "convert", "--src {root}/nope --dst {root}/converted", ["--src", "no such folder"]),
     ("convert: destination exists", "convert", "--src {hf} --dst {root}/existing_dst", ["--dst", "--overwrite"]),
@@ -263,9 +272,10 @@ def test_train_in_a_real_process_names_the_field_and_writes_nothing(tmp_path):
 
 
 def test_help_states_each_default_once():
+    from medv_jax.serve import api as serve_api
     from medv_jax.serve import cli as serve_cli
 
-    for parser in (generate.build_parser(), infer.build_parser(), serve_cli.build_parser()):
+    for parser in (generate.build_parser(), infer.build_parser(), serve_cli.build_parser(), serve_api.build_parser()):
         text = parser.format_help()
         flags = text.split("\n  -")[1:]
         assert len(flags) > 20

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medv_jax.data.image_io import ImageReadError, rescale_to_uint8
+from medv_jax.data.pixels import ImageReadError, rescale_to_uint8
 from medv_jax.user_errors import UserError
 
 # Common radiology display windows as (center, width), in Hounsfield units.

@@ -17,12 +17,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from medv_jax.data.pixels import ImageReadError, rescale_to_uint8  # noqa: F401  (ImageReadError: part of this module's API)
+
 HighBitDepth = Literal["minmax", "full"]
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-class ImageReadError(OSError):
-    """An image (or DICOM) file that cannot be read or decoded; the message names the file."""
 
 
 def _is_dicom_path(path: str) -> bool:
@@ -34,15 +32,6 @@ def _is_dicom_path(path: str) -> bool:
         return len(head) == 132 and head[128:] == b"DICM"
     except OSError:
         return False
-
-
-def rescale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Linear map of [low, high] to [0, 255], clipped and rounded; a flat range gives zeros."""
-    values = values.astype(np.float64)
-    if high <= low:
-        return np.zeros(values.shape, np.uint8)
-    scaled = (values - low) * (255.0 / (high - low))
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
 def high_bit_depth_to_l(img: Image.Image, how: HighBitDepth = "minmax") -> Image.Image:

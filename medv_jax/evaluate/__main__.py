@@ -19,13 +19,14 @@ exit code 2 (``--debug``: with the traceback).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from medv_jax.evaluate import conversation, report, run_vqa, sweep, synthetic_reports
-from medv_jax.evaluate.records import load_records, write_json
+from medv_jax.data.records import load_records, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.vqa_scoring import (
     format_vqa_table,
@@ -144,20 +145,38 @@ def _run_lengths(args: argparse.Namespace) -> int:
     return 0
 
 
+def generation_flags(parser: argparse.ArgumentParser, gen_length: int, block_length: int, steps: int) -> None:
+    """Model and sampler flags (the shared ones of ``medv_jax.sampling.cli``) plus infer's
+    batching flags, with the benchmark's paper defaults for the schedule."""
+    from medv_jax.sampling import cli
+    from medv_jax.sampling.diffusion import SamplerConfig
+
+    cli.add_model_args(parser)
+    cli.add_image_args(parser)
+    cli.add_sampler_args(parser, SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps))
+    g = parser.add_argument_group("inference")
+    g.add_argument("--image_folder", default="", help="folder the questions' image paths are relative to")
+    g.add_argument("--batch_size", type=int, default=8, help="questions per jitted batch")
+    g.add_argument("--prompt_length", type=int, default=0, help="fixed prompt width; 0 = per batch, bucketed")
+    g.add_argument("--model_id", default=None, help="model_id written in answers")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("vqa", "score VQA answers (closed accuracy, open recall, F1, BLEU)",
                _add_vqa_arguments, _run_vqa),
     Subcommand("lengths", "response-length statistics (tokens, words, seconds per question)",
                _add_lengths_arguments, _run_lengths),
     Subcommand("run-vqa", "answer a VQA test split with the jitted sampler and score it (resumable)",
-               run_vqa.add_arguments, run_vqa.run),
+               functools.partial(run_vqa.add_arguments, generation_flags=generation_flags), run_vqa.run),
     Subcommand("run-conversation",
                "answer the open conversation benchmark (L=256 B=64 N=256) and judge it (resumable)",
-               conversation.add_run_arguments, conversation.run_conversation),
+               functools.partial(conversation.add_run_arguments, generation_flags=generation_flags),
+               conversation.run_conversation),
     Subcommand("judge", "judge a conversation answer file with an OpenAI-compatible endpoint",
                conversation.add_judge_command_arguments, conversation.run_judge),
     Subcommand("sweep", "task score, length, speed and repetition over a sampler grid, with plots",
-               sweep.add_arguments, sweep.run),
+               functools.partial(sweep.add_arguments, generation_flags=generation_flags), sweep.run),
     Subcommand("report", "compare run folders side by side with the paper's numbers",
                report.add_arguments, report.run),
     Subcommand("synthetic-questions", "write synthetic findings-report requests with images and scan attributes",

@@ -29,10 +29,10 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from medv_jax.evaluate import generation, judge
-from medv_jax.evaluate.records import first_field, id_key, load_records, record_id, write_json
+from medv_jax.data.records import first_field, id_key, load_records, record_id, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.tables import format_table
 
@@ -289,10 +289,11 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, generation_flags: Callable[..., None]) -> None:
+    """The run-conversation flags; ``generation_flags`` as in ``run_vqa.add_arguments``."""
     _common_arguments(parser)
     parser.add_argument("--no_judge", action="store_true", help="generate answers only")
-    generation.add_generation_arguments(parser, gen_length=256, block_length=64, steps=256)
+    generation_flags(parser, gen_length=256, block_length=64, steps=256)
     add_judge_arguments(parser)
 
 

@@ -1,13 +1,16 @@
-"""Answer generation for the evaluation commands, through ``medv_jax.sampling.infer``.
+"""Answer generation for the evaluation commands, through the Python API.
 
 The evaluation commands do not run a batch loop of their own: they write the questions as an
-infer question file in the run folder and call :func:`medv_jax.sampling.infer.run` in process, so
-the answers (``RUN_DIR/answers.jsonl``), its resume rules and its fixed-shape batching are exactly
-those of ``python -m medv_jax.sampling.infer``. Model and sampler flags are declared with the
-shared helpers of :mod:`medv_jax.sampling.cli` and forwarded to infer by walking infer's own
-parser, so a sampler flag added there (e.g. a fast sampling mode) reaches these commands too.
+infer question file in the run folder (a record of what was asked) and answer it with
+:func:`medv_jax.sampling.answers.answer_questions` on a model from
+:func:`medv_jax.sampling.api.load`, the same function and batching ``python -m medv_jax.infer``
+uses, so the answers (``RUN_DIR/answers.jsonl``) and its resume rules are exactly infer's. The
+model and sampler flags are declared by the evaluate command (``medv_jax.evaluate.__main__``
+passes its ``generation_flags`` to each subcommand's ``add_arguments``); the sampler settings go
+to ``api.sampler_config`` by the names those flags carry, so a sampler flag added there (e.g. a
+fast sampling mode) reaches these commands too.
 
-Timing. infer reports no per-answer times, so each call is timed here and appended to
+Timing. Each call no per-answer times, so each call is timed here and appended to
 ``RUN_DIR/timing.jsonl`` as ``{"answered": n, "wall_seconds": t, "question_ids": [...]}``; an
 answer's ``seconds`` is its call's wall time over the answers written by that call. This includes
 model loading and compilation, amortised over the call's answers (negligible for a full test split,
@@ -27,14 +30,14 @@ import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
-from medv_jax.evaluate.records import id_key, load_records
+from medv_jax.data.records import id_key, load_records
 
 __all__ = [
     "ANSWERS",
     "QUESTIONS",
     "TIMING",
-    "add_generation_arguments",
-    "infer_argv",
+    "load_model",
+    "sampler_for",
     "sampler_settings",
     "write_questions",
     "generate_answers",
@@ -47,78 +50,64 @@ ANSWERS = "answers.jsonl"
 QUESTIONS = "questions.jsonl"
 TIMING = "timing.jsonl"
 
-# Flags of infer that the evaluation commands set themselves (per run folder), or that mean
-# something else there: the questions always come from the run folder's question file (a --tfds
-# split is read by the evaluation command), and --limit is applied to the records before.
-_OWN_INFER_FLAGS = ("question_file", "image_folder", "answers_file", "no_progress", "help",
-                    "tfds", "tfds_data_dir", "limit")
-
-
-def add_generation_arguments(
-    parser: argparse.ArgumentParser, gen_length: int, block_length: int, steps: int
-) -> None:
-    """Model and sampler flags (the shared ones of ``medv_jax.sampling.cli``) plus infer's
-    batching flags, with the benchmark's paper defaults for the schedule."""
-    from medv_jax.sampling import cli
-    from medv_jax.sampling.diffusion import SamplerConfig
-
-    cli.add_model_args(parser)
-    cli.add_image_args(parser)
-    cli.add_sampler_args(
-        parser, SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps)
-    )
-    g = parser.add_argument_group("inference")
-    g.add_argument("--image_folder", default="", help="folder the questions' image paths are relative to")
-    g.add_argument("--batch_size", type=int, default=8, help="questions per jitted batch")
-    g.add_argument("--prompt_length", type=int, default=0, help="fixed prompt width; 0 = per batch, bucketed")
-    g.add_argument("--model_id", default=None, help="model_id written in answers")
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
-
-
-def _infer_parser() -> argparse.ArgumentParser:
-    from medv_jax.sampling import infer
-
-    return infer.build_parser()
-
-
-def infer_argv(
-    args: argparse.Namespace, question_file: str, answers_file: str, overrides: Mapping[str, Any] = {}
-) -> list[str]:
-    """The infer command line equivalent to ``args`` (every infer flag that ``args`` carries,
-    ``overrides`` taking precedence) for one question file and answer file."""
-    values = {**vars(args), **overrides}
-    argv = ["--question_file", question_file, "--answers_file", answers_file]
-    argv += ["--image_folder", str(values.get("image_folder") or "")]
-    if values.get("no_progress"):
-        argv.append("--no_progress")
-    for action in _infer_parser()._actions:
-        dest = action.dest
-        if dest in _OWN_INFER_FLAGS or not action.option_strings or dest not in values:
-            continue
-        value = values[dest]
-        flag = action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):
-            if value:
-                argv.append(flag)
-        elif isinstance(action, argparse._StoreFalseAction):
-            if not value:
-                argv.append(flag)
-        elif value is not None:
-            if isinstance(value, (list, tuple)):
-                argv += [flag, *map(str, value)]
-            else:
-                argv += [flag, str(value)]
-    return argv
-
-
 def sampler_settings(args: argparse.Namespace, overrides: Mapping[str, Any] = {}) -> dict[str, Any]:
-    """The sampler flags of a run (every flag of the shared sampler group), for its metrics file."""
-    from medv_jax.sampling import cli
+    """The sampler settings of a run (the Python API's names, as the sampler flags carry them, and
+    the seed), for its metrics file."""
+    from medv_jax.sampling import api
 
-    probe = argparse.ArgumentParser(add_help=False)
-    cli.add_sampler_args(probe)
     values = {**vars(args), **overrides}
-    return {a.dest: values.get(a.dest) for a in probe._actions if a.option_strings}
+    return {name: values.get(name) for name in (*api.SAMPLER_SETTINGS, "seed")}
+
+
+def sampler_for(args: argparse.Namespace, overrides: Mapping[str, Any] = {}) -> Any:
+    """The SamplerConfig of a run's sampler flags (``overrides`` taking precedence); UserError
+    naming a bad setting."""
+    from medv_jax.sampling import api
+
+    values = {**vars(args), **overrides}
+    return api.sampler_config(**{k: values[k] for k in api.SAMPLER_SETTINGS if k in values})
+
+
+def _image_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    from medv_jax.data.dicom import parse_window
+
+    return dict(
+        dicom_window=parse_window(values.get("dicom_window", "auto"), "--dicom_window"),
+        dicom_frame=values.get("dicom_frame"),
+        dicom_force=bool(values.get("dicom_force")),
+    )
+
+
+def _open(values: Mapping[str, Any]) -> tuple[Any, Any]:
+    from medv_jax.sampling import api
+
+    return api.open_checkpoint(
+        values["checkpoint"], values["tokenizer"], param_dtype=values.get("param_dtype"),
+        dtype=values.get("dtype"), allow_tokenizer_mismatch=bool(values.get("allow_tokenizer_mismatch")),
+        names=("--checkpoint", "--tokenizer"),
+    )
+
+
+# The last model loaded (a sweep answers with one model under many sampler settings).
+_loaded: dict[tuple, Any] = {}
+
+
+def load_model(values: Mapping[str, Any], opened: tuple[Any, Any] | None = None) -> Any:
+    """``api.load`` with the model flags in ``values`` (kept for the next call with the same flags)."""
+    from medv_jax.sampling import api
+
+    options = dict(
+        system_prompt=values.get("system_prompt", "medical"), question_suffix=values.get("question_suffix", ""),
+        param_dtype=values.get("param_dtype"), dtype=values.get("dtype"),
+        attention_impl=values.get("attention_impl"),
+        allow_tokenizer_mismatch=bool(values.get("allow_tokenizer_mismatch")),
+    )
+    key = (values["checkpoint"], values["tokenizer"], tuple(sorted(options.items())))
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = api.load(values["checkpoint"], values["tokenizer"], opened=opened or _open(values),
+                                **options)
+    return _loaded[key]
 
 
 def write_questions(rows: Iterable[Mapping[str, Any]], path: str) -> int:
@@ -155,15 +144,18 @@ def generate_answers(
     run_dir: str,
     overrides: Mapping[str, Any] = {},
 ) -> dict[str, Any]:
-    """Answer ``rows`` into ``run_dir/answers.jsonl`` with infer (resuming), timing the call.
+    """Answer ``rows`` into ``run_dir/answers.jsonl`` as infer would (resuming), timing the call.
 
     Returns ``{"answered": new answers, "wall_seconds": ..., "total": answers on file}``.
-    Raises UserError, before anything is written, for a mistake in the questions or the model
-    flags, and ValueError when infer fails as a whole."""
-    from medv_jax.sampling import cli, infer
+    Raises UserError, before anything is written, for a mistake in the questions, the sampler
+    settings or the model flags."""
+    from medv_jax.sampling import answers
 
-    infer.checked_questions(((i, dict(r), "") for i, r in enumerate(rows)), "questions")
-    cli.open_model(args)  # a wrong checkpoint or tokenizer leaves no run folder behind
+    values = {**vars(args), **overrides}
+    answers.checked_questions(((i, dict(r), "") for i, r in enumerate(rows)), "questions")
+    sampler = sampler_for(args, overrides)
+    image_options = _image_options(values)
+    opened = _open(values)  # a wrong checkpoint or tokenizer leaves no run folder behind
     os.makedirs(run_dir, exist_ok=True)
     question_file = os.path.join(run_dir, QUESTIONS)
     answers_file = os.path.join(run_dir, ANSWERS)
@@ -174,10 +166,17 @@ def generate_answers(
         print(f"{run_dir}: all {len(wanted)} questions already answered", file=sys.stderr)
         return {"answered": 0, "wall_seconds": 0.0, "total": len(before)}
     started = time.perf_counter()
-    code = infer.run(infer.build_parser().parse_args(infer_argv(args, question_file, answers_file, overrides)))
+    model = load_model(values, opened)
+    done = answers.answered_ids(answers_file)
+    todo = [(i, dict(r)) for i, r in enumerate(rows) if answers._key(r["question_id"]) not in done]
+    answers.answer_questions(
+        model, todo, answers_file, sampler,
+        seed=values.get("seed", 0), batch_size=values["batch_size"], prompt_length=values.get("prompt_length", 0),
+        image_folder=str(values.get("image_folder") or ""), image_options=image_options,
+        model_id=values.get("model_id") or os.path.basename(os.path.normpath(values["checkpoint"])),
+        progress=not values.get("no_progress"),
+    )
     wall = time.perf_counter() - started
-    if code != 0:
-        raise ValueError(f"inference into {answers_file} failed (infer exit status {code})")
     new_ids = [i for i in _answer_ids(answers_file) if i not in before]
     if new_ids:
         entry = {

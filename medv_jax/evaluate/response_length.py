@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
-from medv_jax.evaluate.records import first_field
+from medv_jax.data.records import first_field
 from medv_jax.evaluate.tables import format_table
 
 __all__ = ["count_words", "LengthStats", "length_stats", "format_length_table"]

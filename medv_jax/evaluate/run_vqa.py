@@ -20,10 +20,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from medv_jax.evaluate import generation
-from medv_jax.evaluate.records import first_field, load_records, record_id, write_json
+from medv_jax.data.records import first_field, load_records, record_id, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.vqa_scoring import (
     format_vqa_table,
@@ -90,7 +90,9 @@ def read_questions(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]
     return load_records(args.questions), args.questions
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, generation_flags: Callable[..., None]) -> None:
+    """The run-vqa flags; ``generation_flags(parser, gen_length, block_length, steps)`` adds the
+    model, sampler and batching flags (the evaluate command's)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--questions", help="test questions with answers (JSON list or JSONL)")
     source.add_argument("--tfds", help="a TFDS split as NAME:SPLIT (e.g. vqa_rad:test)")
@@ -102,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark name for reports, e.g. vqa_rad, slake, pathvqa "
                         "(default: the TFDS name or the question file's name)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    generation.add_generation_arguments(parser, gen_length=128, block_length=128, steps=128)
+    generation_flags(parser, gen_length=128, block_length=128, steps=128)
 
 
 def _dataset_name(args: argparse.Namespace) -> str:

@@ -27,10 +27,10 @@ import itertools
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from medv_jax.evaluate import conversation, generation, run_vqa, synthetic_reports
-from medv_jax.evaluate.records import write_json
+from medv_jax.data.records import write_json
 from medv_jax.evaluate.repetition import repetition_stats
 from medv_jax.evaluate.tables import format_table
 
@@ -203,7 +203,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, ngram: int) -> None
     plt.close(fig)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, generation_flags: Callable[..., None]) -> None:
+    """The sweep flags; ``generation_flags`` as in ``run_vqa.add_arguments``."""
     parser.add_argument("--task", choices=["vqa", "conversation", "report"], default="vqa",
                         help="vqa: score with closed accuracy / open recall; conversation: the judge; "
                         "report: field accuracy of synthetic findings reports")
@@ -217,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ngram", type=int, default=3, help="n of the repeated n-gram share")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--no_judge", action="store_true", help="conversation task: skip the judge")
-    generation.add_generation_arguments(parser, gen_length=128, block_length=128, steps=128)
+    generation_flags(parser, gen_length=128, block_length=128, steps=128)
     # The single-setting schedule flags of the shared sampler group are set per grid point.
     for action in parser._actions:
         if action.dest in _SCHEDULE:

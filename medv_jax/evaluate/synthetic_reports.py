@@ -22,7 +22,7 @@ import numpy as np
 
 from medv_jax.data import synthetic
 from medv_jax.evaluate import generation
-from medv_jax.evaluate.records import id_key, load_records, write_json
+from medv_jax.data.records import id_key, load_records, write_json
 from medv_jax.evaluate.response_length import length_stats
 
 __all__ = ["write_question_set", "scene_of", "score_reports", "run_reports", "add_arguments", "run"]

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from medv_jax.evaluate.records import first_field, id_key, load_records, record_id
+from medv_jax.data.records import first_field, id_key, load_records, record_id
 from medv_jax.evaluate.tables import format_table
 from medv_jax.evaluate.vqa_metrics import OpenScores, closed_hit, open_scores
 

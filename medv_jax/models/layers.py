@@ -2,18 +2,51 @@
 
 Every parameter is created with logical axis names (``nn.with_logical_partitioning``) so that one
 table in ``medv_jax.sharding`` maps them onto mesh axes; without such a table in context the names
-are inert and the params are plain arrays after ``nn.unbox``.
+are inert and the params are plain arrays after ``nn.unbox``. Activations name their axes the same
+way through ``constrain``, which lays them out on a mesh while ``activation_sharding`` is active
+(the train step is traced inside it) and does nothing otherwise.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from medv_jax import sharding as shd
 
 Array = jax.Array
+
+# (mesh, logical-axis rules) while a program that lays out its activations is traced. Flax's own
+# rules context is not used for this: under it flax also re-applies the parameter boxes'
+# constraints inside nn.scan, with DenseGeneral kernels' pre-reshape rank, and fails.
+_ACTIVATION_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("activation_layout", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules=shd.LOGICAL_AXIS_RULES) -> Iterator[None]:
+    """Within this context ``constrain`` places activations on ``mesh`` by ``rules``."""
+    token = _ACTIVATION_LAYOUT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_LAYOUT.reset(token)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """``x`` laid out by the logical axis ``names`` (a dimension its mesh axes do not divide stays
+    whole), when traced inside ``activation_sharding``; ``x`` unchanged otherwise."""
+    layout = _ACTIVATION_LAYOUT.get()
+    if layout is None:
+        return x
+    mesh, rules = layout
+    spec = shd.spec_for(jax.sharding.PartitionSpec(*names), x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 # Remat policies by name (MaxText style). "none" keeps every activation; "full" recomputes the
 # whole layer in the backward pass; the "dots" variants keep matmul outputs only.

@@ -182,7 +182,7 @@ class Attention(nn.Module):
         v = proj(cfg.num_kv_heads, "v_proj", "kv_heads")
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        q = layers.constrain(q, ("batch", "length", "heads", "head_dim"))
         if kv is not None:
             cache_k, cache_v = kv
             k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), kv_start, axis=1)
@@ -224,7 +224,7 @@ class GatedMLP(nn.Module):
 
         gate = dense(cfg.mlp_hidden_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg.mlp_hidden_size, ("embed", "mlp"), "up_proj")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h = layers.constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
         return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
 
 
@@ -235,7 +235,7 @@ class Block(nn.Module):
     def __call__(self, x: Array, positions: Array, key_mask: Array | None, kv=None, kv_start=None):
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = layers.constrain(x, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="attn_norm")(x)
         attn, kv = Attention(cfg, name="attn")(h, positions, key_mask, kv, kv_start)
         x = x + attn

@@ -150,7 +150,7 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array):
-        x = nn.with_logical_constraint(x, ("batch", "length", "vit_embed"))
+        x = layers.constrain(x, ("batch", "length", "vit_embed"))
         x = x + Attention(self.config, name="attn")(_layer_norm(self.config, "ln1")(x))
         x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln2")(x))
         return x, None

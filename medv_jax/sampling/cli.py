@@ -1,14 +1,12 @@
-"""Pieces shared by the ``generate`` and ``infer`` commands: flags, model loading, decoding."""
+"""Pieces shared by the commands that answer questions: flags and their translation into the
+Python API's arguments (``medv_jax.sampling.api``), rendering of replayed canvases."""
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Any, Sequence
+from typing import Any
 
 from medv_jax.data.dicom import WINDOW_CHOICES
 from medv_jax.models.layers import ATTENTION_CHOICES, WEIGHT_QUANT
-from medv_jax.models.llada import LLaDAConfig
-from medv_jax.models.medv import MedVConfig
 from medv_jax.sampling.diffusion import (
     CACHE_MODES,
     REMASKING,
@@ -17,10 +15,10 @@ from medv_jax.sampling.diffusion import (
     SamplerConfig,
     ThresholdSelection,
 )
-from medv_jax.sampling.multimodal import SYSTEM_PROMPTS, tokenizer_id_mismatches, with_tokenizer_ids
-from medv_jax.user_errors import UserError
+from medv_jax.sampling import answers, api
+from medv_jax.sampling.multimodal import SYSTEM_PROMPTS
 
-MASK_PLACEHOLDER = "_"
+MASK_PLACEHOLDER = api.MASK_PLACEHOLDER
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -90,12 +88,7 @@ def image_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def question_text(text: str, where: str = "--question") -> str:
-    """The question without ``<image>`` and outer whitespace; a UserError when nothing is left."""
-    question = text.replace("<image>", "").strip()
-    if not question:
-        raise UserError(f"{where} is empty{' (only <image>)' if text.strip() else ''}: write the question")
-    return question
+question_text = answers.question_text
 
 
 def add_sampler_args(parser: argparse.ArgumentParser, defaults: SamplerConfig = SamplerConfig()) -> None:
@@ -212,76 +205,33 @@ def sampler_summary(config: SamplerConfig, seed: int) -> dict:
 
 
 def open_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(checkpoint config, tokenizer) with every check that needs no weights: the checkpoint is a
-    converted one, the tokenizer loads, its special ids are the checkpoint's (unless
-    --allow_tokenizer_mismatch) and the dtypes exist. UserErrors name the flag."""
-    import jax.numpy as jnp
-
-    from medv_jax import checkpoint
-    from medv_jax.data import tokenizer as tok_lib
-
-    config = checkpoint.check_converted(args.checkpoint, "--checkpoint")
-    if not isinstance(config, (MedVConfig, LLaDAConfig)):
-        raise UserError(
-            f"--checkpoint {args.checkpoint!r} holds a {type(config).__name__}, not a MedV or LLaDA model"
-        )
-    for flag, name in (("--param_dtype", args.param_dtype), ("--dtype", args.dtype)):
-        if name is not None:
-            try:
-                jnp.dtype(name)
-            except TypeError:
-                raise UserError(f"{flag} {name!r} is not a dtype: use e.g. float32 or bfloat16") from None
-    tokenizer = tok_lib.open_tokenizer(args.tokenizer, "--tokenizer")
-    mismatches = tokenizer_id_mismatches(config, tokenizer)
-    if mismatches and not getattr(args, "allow_tokenizer_mismatch", False):
-        listed = ", ".join(f"{name} {tok} vs {ckpt}" for name, tok, ckpt in mismatches)
-        raise UserError(
-            f"--tokenizer {args.tokenizer!r} does not belong to --checkpoint {args.checkpoint!r}: special ids "
-            f"(tokenizer vs checkpoint config.json) {listed}; give the checkpoint's tokenizer, or pass "
-            "--allow_tokenizer_mismatch to use this one anyway"
-        )
-    return config, tokenizer
+    """(checkpoint config, tokenizer) with every check that needs no weights
+    (``api.open_checkpoint``); UserErrors name the flag."""
+    return api.open_checkpoint(
+        args.checkpoint,
+        args.tokenizer,
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        allow_tokenizer_mismatch=getattr(args, "allow_tokenizer_mismatch", False),
+        names=("--checkpoint", "--tokenizer"),
+    )
 
 
-def load_model(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) -> tuple[Any, Any, Any]:
-    """(config with the tokenizer's special ids, params, tokenizer); ``opened`` is open_model's
-    result when the caller has it already."""
-    from medv_jax import checkpoint
-
-    _, tokenizer = opened or open_model(args)
-    config, params = checkpoint.load_pretrained(
-        os.path.expanduser(args.checkpoint), dtype=args.param_dtype,
-        merge_adapters=getattr(args, "merge_adapters", False), weight_quant=getattr(args, "weight_quant", None))
-    changes = {}
-    if args.dtype is not None:
-        changes["dtype"] = args.dtype
-    if args.attention_impl is not None:
-        changes["attention_impl"] = args.attention_impl
-    if changes:
-        if isinstance(config, MedVConfig):
-            config = config.replace(lm=config.lm.replace(**changes), vision=config.vision.replace(**changes))
-        else:
-            config = config.replace(**changes)
-    return with_tokenizer_ids(config, tokenizer), params, tokenizer
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``api.load``'s keyword arguments from add_model_args' flags."""
+    return dict(
+        system_prompt=getattr(args, "system_prompt", "medical"),
+        question_suffix=getattr(args, "question_suffix", ""),
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        attention_impl=getattr(args, "attention_impl", None),
+        allow_tokenizer_mismatch=getattr(args, "allow_tokenizer_mismatch", False),
+        weight_quant=getattr(args, "weight_quant", None),
+        merge_adapters=getattr(args, "merge_adapters", False),
+    )
 
 
-def decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Answer text as LLaVA-Med writes it: special tokens skipped, outer whitespace stripped."""
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+decode = api.decode
 
 
-def render_frame(tokenizer: Any, frame: Sequence[int | None], placeholder: str = MASK_PLACEHOLDER) -> str:
-    """One replayed canvas (token ids, None = masked) as text: runs of committed tokens decoded,
-    each masked position shown as ``placeholder``."""
-    parts, run = [], []
-    for tok in frame:
-        if tok is None:
-            if run:
-                parts.append(tokenizer.decode(run, skip_special_tokens=False))
-                run = []
-            parts.append(placeholder)
-        else:
-            run.append(tok)
-    if run:
-        parts.append(tokenizer.decode(run, skip_special_tokens=False))
-    return "".join(parts)
+render_frame = api.render_frame

@@ -103,6 +103,11 @@ def _positive_int(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value > 0
 
 
+# Called on the host as each block is finished: (block index [], tokens [B, gen_length],
+# stop [B]); positions before min(stop, (block + 1) * block_length) are final.
+BlockCallback = Callable[[Any, Any, Any], None]
+
+
 @dataclasses.dataclass(frozen=True)
 class CachePolicy:
     """KV cache for the fast modes (approximate: attention is bidirectional, so cached keys/values
@@ -402,6 +407,7 @@ def _run(
     row_keys: Array,  # [B] typed keys
     knobs: _Knobs,
     logits_processor: LogitsProcessor | None = None,
+    on_block: BlockCallback | None = None,
 ) -> SampleOutput:
     model = LLaDA(lm_config)
     variables = {"params": lm_params}
@@ -601,6 +607,14 @@ def _run(
         # schedule fills it at its last step).
         left = ~committed_blk & ((g0 + blk_off)[None, :] < stop[:, None]) & ~done[:, None]
         advance = ~jnp.any(left) | (i + 1 >= spb)
+        if on_block is not None:
+            # Every position of a finished block before a row's stop is committed: the answers
+            # so far can be shown while later blocks are still being written.
+            jax.lax.cond(
+                advance,
+                lambda: jax.debug.callback(on_block, st.block, tokens, stop, ordered=True),
+                lambda: None,
+            )
         return _State(
             step=t + 1,
             block=st.block + advance.astype(jnp.int32),
@@ -676,7 +690,7 @@ def sample_loop(
     )
 
 
-_STATIC = ("lm_config", "plan", "logits_processor")
+_STATIC = ("lm_config", "plan", "logits_processor", "on_block")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -690,6 +704,7 @@ def _sample_program(
     lm_config,
     plan,
     logits_processor,
+    on_block=None,
 ):
     return _run(
         lm_config,
@@ -700,6 +715,7 @@ def _sample_program(
         row_keys,
         knobs,
         logits_processor,
+        on_block,
     )
 
 
@@ -714,6 +730,7 @@ def _generate_program(
     lm_config,
     plan,
     logits_processor,
+    on_block=None,
 ):
     embeds = LLaDA(lm_config).apply({"params": lm_params}, prompt_tokens, method=LLaDA.embed)
     return _run(
@@ -725,6 +742,7 @@ def _generate_program(
         row_keys,
         knobs,
         logits_processor,
+        on_block,
     )
 
 
@@ -841,9 +859,11 @@ def generate_text(
     config: SamplerConfig,
     length: int | None = None,
     logits_processor: LogitsProcessor | None = None,
+    on_block: BlockCallback | None = None,
 ) -> SampleOutput:
     """Text-only generation from token id lists (ragged; left padded with EOS to ``length`` or
-    the longest). The prompt embedding happens inside the same compiled program."""
+    the longest). The prompt embedding happens inside the same compiled program. ``on_block``:
+    called on the host as each block is finished (``BlockCallback``)."""
     if len(prompts) == 0:
         raise ValueError("prompts: empty batch (batch size 0)")
     tokens, mask = left_pad(prompts, lm_config.eos_token_id, length)
@@ -857,6 +877,7 @@ def generate_text(
         lm_config=lm_config,
         plan=config._plan(),
         logits_processor=logits_processor,
+        on_block=on_block,
     )
 
 
@@ -888,6 +909,7 @@ def compile_generate_text(
     config: SamplerConfig,
     length: int | None = None,
     logits_processor: LogitsProcessor | None = None,
+    on_block: BlockCallback | None = None,
 ):
     """Ahead-of-time compiled ``generate_text`` for these prompt shapes (to time compilation apart).
     Returns ``run(prompts, rng) -> SampleOutput`` for prompts padded to the same length."""
@@ -905,16 +927,21 @@ def compile_generate_text(
         lm_config=lm_config,
         plan=config._plan(),
         logits_processor=logits_processor,
+        on_block=on_block,
     ).compile()
 
-    def run(prompts: Sequence[Sequence[int]], rng: Any) -> SampleOutput:
+    def run(prompts: Sequence[Sequence[int]], rng: Any, settings: SamplerConfig | None = None) -> SampleOutput:
+        """``settings``: other values of the traced settings of the same plan (default: ``config``)."""
+        settings = config if settings is None else settings
+        if settings._plan() != config._plan():
+            raise ValueError("settings: a different sampler plan needs its own compiled program")
         tokens, mask = left_pad(prompts, lm_config.eos_token_id, width)
         return compiled(
             lm_params,
             jnp.asarray(tokens),
             jnp.asarray(mask),
             row_keys_for(rng, tokens.shape[0]),
-            config._knobs(),
+            settings._knobs(),
         )
 
     return run

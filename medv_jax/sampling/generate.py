@@ -22,10 +22,9 @@ import time
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from medv_jax.sampling import cli
-from medv_jax.sampling.diffusion import compile_generate_text, replay
+from medv_jax.sampling.diffusion import replay
 from medv_jax.user_errors import CommandParser, UserError, command_name, run_command
 
 COMMAND = "medv_jax.generate"
@@ -52,80 +51,54 @@ def _generate(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sampler_config = cli.sampler_config_from(args, parser)
-    question = cli.question_text(args.question, "--question") + args.question_suffix
+    cli.question_text(args.question, "--question")
     image_options = cli.image_options(args)
-    from medv_jax.data import image as image_lib
-    from medv_jax.data.image_io import ImageReadError
     from medv_jax.models.medv import MedVConfig
-    from medv_jax.sampling import multimodal as mm
+    from medv_jax.sampling import api
 
     timings = {}
     t0 = time.perf_counter()
     opened = cli.open_model(args)
-    is_medv = isinstance(opened[0], MedVConfig)
-    if args.image is not None and not is_medv:
+    if args.image is not None and not isinstance(opened[0], MedVConfig):
         raise UserError("--image needs a MedV checkpoint; this one is a text-only LLaDA model: leave --image out")
     t_check = time.perf_counter()
     # The image and the prompt are made before the weights load: a wrong path fails in a second.
+    # A model without weights is enough for that (same tokenizer and image settings).
+    unloaded = api.Model.unloaded(opened, **cli.load_options(args))
     image = None
     if args.image is not None:
-        try:
-            image = image_lib.preprocess_image(args.image, mm.image_config_for(opened[0]), **image_options)
-        except (ImageReadError, OSError, ValueError) as e:
-            raise UserError(f"--image: {e}") from None
-    row = mm.question_prompt(opened[1], question, image, mm.system_prompt_for(args.system_prompt))
-    positions = (opened[0].lm if is_medv else opened[0]).max_position_embeddings
+        image = unloaded.image(args.image, name="--image", **image_options)
+    row = unloaded.prompt(args.question, image)
+    positions = unloaded.lm.max_position_embeddings
     if len(row.tokens) + sampler_config.gen_length > positions:
         raise UserError(
             f"the prompt ({len(row.tokens)} tokens) and --gen_length {sampler_config.gen_length} exceed the "
             f"model's {positions} positions: shorten the question or lower --gen_length"
         )
     timings["preprocess_s"] = time.perf_counter() - t_check
-    config, params, tokenizer = cli.load_model(args, opened)
+    model = api.load(args.checkpoint, args.tokenizer, opened=opened, **cli.load_options(args))
     timings["load_s"] = time.perf_counter() - t0 - timings["preprocess_s"]
 
-    rng = jax.random.key(args.seed)
-    lm = config.lm if is_medv else config
-    if is_medv:
-        batch = mm.collate_prompts([row], pad_id=lm.eos_token_id, crop_size=config.vision.image_size)
-
-    try:
-        t0 = time.perf_counter()
-        if is_medv:
-            run = mm.compile_medv(config, params, batch, rng, sampler_config)
-            timings["compile_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(run(batch, rng))
-        else:
-            run = compile_generate_text(lm, params, [row.tokens], rng, sampler_config)
-            timings["compile_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(run([row.tokens], rng))
-        timings["sample_s"] = time.perf_counter() - t0
-    except ValueError as e:  # a prompt the sampler cannot place
-        raise UserError(str(e)) from None
-
-    tokens = np.asarray(out.tokens[0])
-    length = int(out.answer_length[0])
-    steps_run = int(out.steps_run[0])
-    ids = [int(i) for i in tokens[:length]]
-    answer = cli.decode(tokenizer, ids)
+    answer = model.run([row], [api.row_key(args.seed)], sampler_config)[0]
+    timings["compile_s"] = answer.compile_seconds
+    timings["sample_s"] = answer.seconds
     frames = []
     if args.show_steps:
         frames = [
-            cli.render_frame(tokenizer, f, args.mask_placeholder)
-            for f in replay(tokens, out.commit_step[0], steps_run, lm.eot_token_id)
+            cli.render_frame(model.tokenizer, f, args.mask_placeholder)
+            for f in replay(answer.tokens, answer.commit_step, answer.steps, model.lm.eot_token_id)
         ]
     if args.json:
+        fields = answer.to_json()
         result = {
-            "question": question,
-            "answer": answer,
-            "token_ids": ids,
-            "answer_length": length,
-            "stopped": length < sampler_config.gen_length,
-            "steps_used": steps_run,
-            "prompt_tokens": int(len(row.tokens)),
-            "cache_refreshes": int(np.sum(out.refreshed[0])),
+            "question": cli.question_text(args.question) + model.question_suffix,
+            "answer": answer.text,
+            "token_ids": answer.token_ids,
+            "answer_length": fields["answer_length"],
+            "stopped": answer.stopped,
+            "steps_used": answer.steps,
+            "prompt_tokens": answer.prompt_tokens,
+            "cache_refreshes": answer.cache_refreshes,
             "sampler": cli.sampler_summary(sampler_config, args.seed),
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "device": str(jax.devices()[0].platform),
@@ -135,8 +108,8 @@ def _generate(argv: list[str]) -> int:
         print(json.dumps(result, ensure_ascii=False))
     else:
         for t, text in enumerate(frames):
-            print(f"[step {t + 1}/{steps_run}] {text}")
-        print(answer)
+            print(f"[step {t + 1}/{answer.steps}] {text}")
+        print(answer.text)
     return 0
 
 

@@ -39,18 +39,17 @@ import argparse
 import json
 import os
 import sys
-import time
-import uuid
 from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 
 from medv_jax.sampling import cli
+from medv_jax.sampling.answers import _key, answered_ids, checked_questions  # noqa: F401 (used here and by tests)
 from medv_jax.user_errors import CommandParser, UserError, command_name, existing_path, run_command
 
 COMMAND = "medv_jax.infer"
-PROMPT_BUCKET = 64
+PROMPT_BUCKET = 64  # the Python API's default (api.PROMPT_BUCKET)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,55 +98,6 @@ def tfds_questions(spec: str, data_dir: str | None) -> Iterator[tuple[int, Any, 
         if rec.get("image"):
             row["image"] = rec["image"]
         yield i, row, ""
-
-
-def answered_ids(path: str, repair: bool = True) -> set[str]:
-    """Question ids already in ``path``; a partly written last line (no newline) is cut off
-    (``repair``; otherwise, for a file another process may be writing, it is only ignored)."""
-    if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n") and not repair:
-        data = data[: data.rfind(b"\n") + 1]
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        print(f"warning: dropping a partly written last line of {path}", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    done = set()
-    for line in data.decode("utf-8").splitlines():
-        try:
-            done.add(_key(json.loads(line)["question_id"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return done
-
-
-def _key(question_id: Any) -> str:
-    return json.dumps(question_id, sort_keys=True)
-
-
-def checked_questions(rows: Iterator[tuple[int, Any, str]], where: str) -> list[tuple[int, Any, str]]:
-    """``rows`` as a list; a UserError naming the line for a question_id used twice or an empty
-    question (after removing ``<image>``)."""
-    rows = list(rows)
-    first_line: dict[str, int] = {}
-    for index, row, _ in rows:
-        if row is None:
-            continue
-        key = _key(row["question_id"])
-        if key in first_line:
-            raise UserError(
-                f"{where}: question_id {row['question_id']!r} is on lines {first_line[key] + 1} and {index + 1}: "
-                "give every question its own id"
-            )
-        first_line[key] = index
-        if not isinstance(row["text"], str):
-            raise UserError(f"{where} line {index + 1}: text of question_id {row['question_id']!r} is not a string")
-        cli.question_text(row["text"], f"{where} line {index + 1}: the question of question_id {row['question_id']!r}")
-    return rows
 
 
 def part_file(answers_file: str, process_index: int) -> str:
@@ -268,121 +218,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _answer(args, sampler_config, opened, image_options: dict, todo, answers_file: str, bad: list) -> int:
     """Answer ``todo`` ((row index, row) pairs) into ``answers_file`` (appended) with the model
-    ``opened`` (cli.open_model); exit status."""
-    from medv_jax.data import image as image_lib
-    from medv_jax.data.image_io import ImageReadError
-    from medv_jax.sampling import multimodal as mm
+    ``opened`` (cli.open_model) loaded through the Python API; exit status."""
+    from medv_jax.sampling import answers, api
 
-    config, params, tokenizer = cli.load_model(args, opened)
-    lm = config.lm
-    image_config = mm.image_config_for(config)
-    system = mm.system_prompt_for(args.system_prompt)
-    model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
-    base_key = jax.random.key(args.seed)
-    max_prompt = lm.max_position_embeddings - sampler_config.gen_length
-
-    def encode(index: int, row: dict):
-        """(PromptRow, question text) or raises with a message naming the problem."""
-        question = row["text"].replace("<image>", "").strip()
-        image = None
-        if row.get("image"):
-            path = os.path.join(os.path.expanduser(args.image_folder), row["image"])
-            image = image_lib.preprocess_image(path, image_config, **image_options)
-        prompt = mm.question_prompt(tokenizer, question + args.question_suffix, image, system, str(row["question_id"]))
-        if len(prompt.tokens) > (args.prompt_length or max_prompt):
-            raise ValueError(
-                f"prompt of {len(prompt.tokens)} tokens exceeds "
-                + (f"--prompt_length={args.prompt_length}" if args.prompt_length else
-                   f"max_position_embeddings - gen_length = {max_prompt}")
-            )
-        return prompt, question
-
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(todo), unit="q", file=sys.stderr)
-    skipped, written, steps_used = [], 0, []
-    compiled_widths: set[int] = set()
-    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
-    started = time.perf_counter()
-    with open(answers_file, "a", encoding="utf-8") as out:
-        pending: list[tuple[int, dict, Any, str]] = []
-
-        def flush_batch():
-            nonlocal written
-            rows = [p[2] for p in pending]
-            width = args.prompt_length or min(
-                mm.round_up(max(len(r.tokens) for r in rows), PROMPT_BUCKET), max_prompt
-            )
-            batch = mm.collate_prompts(
-                rows,
-                pad_id=lm.eos_token_id,
-                crop_size=config.vision.image_size,
-                batch_size=args.batch_size,
-                prompt_length=width,
-            )
-            fillers = [0xFFFFFFFF] * (args.batch_size - len(pending))  # keys of inert rows
-            indices = [p[0] for p in pending] + fillers
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, np.asarray(indices, np.uint32))
-            t0 = time.perf_counter()
-            result = mm.sample_medv(config, params, batch, keys, sampler_config)
-            tokens = np.asarray(result.tokens)  # waits for the device
-            batch_seconds = time.perf_counter() - t0
-            # The first batch of each prompt width also pays for compiling its program.
-            first_of_width = width not in compiled_widths
-            compiled_widths.add(width)
-            lengths = np.asarray(result.answer_length)
-            steps = np.asarray(result.steps_run)
-            steps_used.extend(int(s) for s in steps[: len(pending)])
-            for i, (_, row, _, question) in enumerate(pending):
-                answer = {
-                    "question_id": row["question_id"],
-                    "prompt": question,
-                    "text": cli.decode(tokenizer, tokens[i, : lengths[i]]),
-                    "answer_id": uuid.uuid4().hex[:22],
-                    "model_id": model_id,
-                    # Per answer: its generated ids (up to the stop), the denoising steps its batch
-                    # ran, and an equal share of the batch's wall time (sampler only).
-                    "metadata": {
-                        "num_tokens": int(lengths[i]),
-                        "token_ids": [int(t) for t in tokens[i, : lengths[i]]],
-                        "steps": int(steps[i]),
-                        "seconds": batch_seconds / len(pending),
-                        "batch_seconds": batch_seconds,
-                        "batch_size": len(pending),
-                        "includes_compile": first_of_width,
-                    },
-                }
-                out.write(json.dumps(answer, ensure_ascii=False) + "\n")
-            out.flush()
-            written += len(pending)
-            if progress is not None:
-                progress.update(len(pending))
-            pending.clear()
-
-        for index, row in todo:
-            try:
-                prompt, question = encode(index, row)
-            except (ImageReadError, OSError, ValueError, KeyError, TypeError) as e:
-                message = f"question {row.get('question_id')!r}: {e}"
-                skipped.append(message)
-                print(f"skipping {message}", file=sys.stderr)
-                if progress is not None:
-                    progress.update(1)
-                continue
-            pending.append((index, row, prompt, question))
-            if len(pending) == args.batch_size:
-                flush_batch()
-        if pending:
-            flush_batch()
-    if progress is not None:
-        progress.close()
-    elapsed = time.perf_counter() - started
+    model = api.load(args.checkpoint, args.tokenizer, opened=opened, prompt_bucket=PROMPT_BUCKET,
+                     **cli.load_options(args))
+    done = answers.answer_questions(
+        model, todo, answers_file, sampler_config,
+        seed=args.seed, batch_size=args.batch_size, prompt_length=args.prompt_length,
+        image_folder=args.image_folder, image_options=image_options,
+        model_id=args.model_id or os.path.basename(os.path.normpath(args.checkpoint)),
+        progress=not args.no_progress,
+    )
     print(
-        f"wrote {written} answers to {answers_file} in {elapsed:.1f}s; "
-        f"skipped {len(skipped)} questions and {len(bad)} unreadable rows"
-        + (f"; {np.mean(steps_used):.1f} denoising steps per answer" if steps_used else ""),
+        f"wrote {done.written} answers to {answers_file} in {done.seconds:.1f}s; "
+        f"skipped {len(done.skipped)} questions and {len(bad)} unreadable rows"
+        + (f"; {np.mean(done.steps_used):.1f} denoising steps per answer" if done.steps_used else ""),
         file=sys.stderr,
     )
     return 0

@@ -220,7 +220,7 @@ def collate_prompts(
     return PromptBatch(tokens, key_mask, pixels, index, weight, newline, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "logits_processor"))
+@functools.partial(jax.jit, static_argnames=("config", "plan", "logits_processor", "on_block"))
 def _medv_program(
     params,
     tokens,
@@ -235,6 +235,7 @@ def _medv_program(
     config: MedVConfig,
     plan,
     logits_processor,
+    on_block=None,
 ):
     # Image encoding and prompt embedding happen once, before the sampling loop.
     embeds = MedV(config).apply(
@@ -255,6 +256,7 @@ def _medv_program(
         row_keys,
         knobs,
         logits_processor,
+        on_block,
     )
 
 
@@ -284,10 +286,12 @@ def sample_medv(
     rng: Any,
     sampler_config: SamplerConfig,
     logits_processor: LogitsProcessor | None = None,
+    on_block: diffusion.BlockCallback | None = None,
 ) -> SampleOutput:
-    """Run the sampler on a prompt batch (one compiled program per config and shapes)."""
+    """Run the sampler on a prompt batch (one compiled program per config and shapes).
+    ``on_block``: called on the host as each block is finished (``diffusion.BlockCallback``)."""
     args, static = _program_inputs(config, batch, rng, sampler_config, logits_processor)
-    return _medv_program(params, *args, **static)
+    return _medv_program(params, *args, **static, on_block=on_block)
 
 
 def compile_medv(
@@ -297,14 +301,20 @@ def compile_medv(
     rng: Any,
     sampler_config: SamplerConfig,
     logits_processor: LogitsProcessor | None = None,
+    on_block: diffusion.BlockCallback | None = None,
 ):
     """Ahead-of-time compile for ``batch``'s shapes (to time compilation apart from sampling).
-    Returns ``run(batch, rng) -> SampleOutput`` for batches of the same shapes."""
+    Returns ``run(batch, rng[, settings]) -> SampleOutput`` for batches of the same shapes."""
     args, static = _program_inputs(config, batch, rng, sampler_config, logits_processor)
-    compiled = _medv_program.lower(params, *args, **static).compile()
+    compiled = _medv_program.lower(params, *args, **static, on_block=on_block).compile()
 
-    def run(batch: PromptBatch, rng: Any) -> SampleOutput:
-        args, _ = _program_inputs(config, batch, rng, sampler_config, logits_processor)
+    def run(batch: PromptBatch, rng: Any, settings: SamplerConfig | None = None) -> SampleOutput:
+        """``settings``: other values of the traced settings (temperature, CFG scale, ...) of
+        the same plan; default the compiled ones."""
+        settings = sampler_config if settings is None else settings
+        if settings._plan() != sampler_config._plan():
+            raise ValueError("settings: a different sampler plan needs its own compiled program")
+        args, _ = _program_inputs(config, batch, rng, settings, logits_processor)
         return compiled(params, *args)
 
     return run

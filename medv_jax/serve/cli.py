@@ -122,9 +122,11 @@ def _serve(argv: list[str]) -> int:
         parser.error(f"--port {args.port} must be in 0..65535")
     system_prompt = args.system_prompt or (DEMO_SYSTEM_PROMPT if is_demo else "medical")
     # Everything but the weights is checked before anything heavy loads.
-    sampling_cli.open_model(argparse.Namespace(
-        checkpoint=checkpoint, tokenizer=tokenizer, param_dtype=args.param_dtype, dtype=args.dtype,
-        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch))
+    from medv_jax.sampling import api
+
+    opened = api.open_checkpoint(
+        checkpoint, tokenizer, param_dtype=args.param_dtype, dtype=args.dtype,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch, names=("--checkpoint", "--tokenizer"))
 
     try:
         from medv_jax.serve import app as app_lib  # imports gradio (telemetry off)
@@ -134,9 +136,10 @@ def _serve(argv: list[str]) -> int:
     from medv_jax.serve import examples as examples_lib
 
     t0 = time.perf_counter()
-    model = eng.load_model(
+    model = api.load(
         checkpoint,
         tokenizer,
+        opened=opened,
         system_prompt=system_prompt,
         question_suffix=args.question_suffix,
         param_dtype=args.param_dtype,

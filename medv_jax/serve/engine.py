@@ -10,29 +10,22 @@ switching between zero and non-zero does).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 import threading
-import time
 import typing
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 
 from medv_jax import user_errors
-from medv_jax.data import conversation as conv
 from medv_jax.data import dicom
-from medv_jax.data import image as image_lib
-from medv_jax.data.anyres import ImageConfig
 from medv_jax.data.image import PreprocessedImage
 from medv_jax.data.image_io import ImageReadError
-from medv_jax.models.medv import MedVConfig
-from medv_jax.sampling import cli
+from medv_jax.sampling import api
 from medv_jax.sampling import multimodal as mm
-from medv_jax.sampling.diffusion import SampleOutput, SamplerConfig, generate_text, replay
+from medv_jax.sampling.diffusion import SamplerConfig, replay
 
 # Shown for a still-masked position in the chat (an underscore would turn markdown italic).
 MASK_GLYPH = "\u2591"  # ░
@@ -49,80 +42,9 @@ UserError = user_errors.UserError
 parse_window = dicom.parse_window
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """A loaded checkpoint with everything needed to answer.
-
-    image_config is None for a text-only (LLaDA) checkpoint; max_crops is the crop slots every
-    image batch gets (1 for square/pad, the largest grid + 1 for anyres).
-    """
-
-    config: Any
-    params: Any
-    tokenizer: Any
-    system_prompt: str | None
-    question_suffix: str
-    image_config: ImageConfig | None
-    max_crops: int
-    name: str
-
-    @property
-    def lm(self):
-        return self.config.lm if isinstance(self.config, MedVConfig) else self.config
-
-    @property
-    def takes_images(self) -> bool:
-        return self.image_config is not None
-
-
-def max_crops_for(image_config: ImageConfig) -> int:
-    """Crop slots the largest image can need: 1 (square/pad) or base crop + the biggest grid."""
-    if not image_config.is_anyres:
-        return 1
-    crop = image_config.crop_size
-    return 1 + max((w // crop) * (h // crop) for w, h in image_config.grid_pinpoints)
-
-
-def load_model(
-    checkpoint: str,
-    tokenizer: str,
-    *,
-    system_prompt: str | None = "medical",
-    question_suffix: str = "",
-    param_dtype: str | None = None,
-    dtype: str | None = None,
-    attention_impl: str | None = None,
-    allow_tokenizer_mismatch: bool = False,
-    weight_quant: str | None = None,
-    merge_adapters: bool = False,
-) -> Model:
-    """Load a converted checkpoint and its tokenizer (``medv_jax.sampling.cli.load_model``).
-
-    ``weight_quant``: "int8" / "int4" quantizes the LM's dense kernels (weight-only, per output
-    channel), "none" keeps them float, None as stored. ``merge_adapters``: an adapters checkpoint
-    is merged into its base's kernels instead of computed beside them."""
-    args = argparse.Namespace(
-        checkpoint=checkpoint,
-        tokenizer=tokenizer,
-        param_dtype=param_dtype,
-        dtype=dtype,
-        attention_impl=attention_impl,
-        allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-        weight_quant=weight_quant,
-        merge_adapters=merge_adapters,
-    )
-    config, params, tok = cli.load_model(args)
-    image_config = mm.image_config_for(config) if isinstance(config, MedVConfig) else None
-    return Model(
-        config=config,
-        params=params,
-        tokenizer=tok,
-        system_prompt=mm.system_prompt_for(system_prompt),
-        question_suffix=question_suffix,
-        image_config=image_config,
-        max_crops=max_crops_for(image_config) if image_config is not None else 0,
-        name=os.path.normpath(checkpoint),
-    )
+# The loaded model is the Python API's (``medv_jax.sampling.api``): the page loads with ``api.load``.
+Model = api.Model
+max_crops_for = api.max_crops_for
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,13 +64,13 @@ def load_image(model: Model, path: str, window: str = "auto") -> tuple[Any, Prep
         raise UserError(f"{name}: this checkpoint is a text-only LLaDA model; ask without an image")
     try:
         rgb = image_io.load_image(path, dicom_window=parse_window(window))
-        return rgb, image_lib.preprocess_pil(rgb, model.image_config)
     except UserError:
         raise
     except ImportError as e:  # DICOM without pydicom
         raise UserError(f"{name}: {e}") from e
     except (ImageReadError, OSError, ValueError) as e:
         raise UserError(f"cannot read {name!r} as an image (PNG, JPEG, ... or DICOM): {e}") from e
+    return rgb, model.image(rgb, name=repr(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,15 +203,11 @@ def build_prompt(
     question: str,
     image: PreprocessedImage | None,
 ) -> mm.PromptRow:
-    """docs/algorithm.md §3 prompt of a chat: earlier (question, answer) turns, then the new question and the
-    assistant header. The image (if any) sits at the start of the first user turn."""
-    question = (question or "").strip()
-    if not question:
+    """docs/algorithm.md §3 prompt of a chat (``Model.prompt``): earlier (question, answer)
+    turns, then the new question and the assistant header."""
+    if not (question or "").strip():
         raise UserError("type a question first")
-    questions = [q.replace(conv.IMAGE_PLACEHOLDER, "").strip() + model.question_suffix
-                 for q in [q for q, _ in history] + [question]]
-    record = conv.chat_record(questions, [a for _, a in history], has_image=image is not None, sample_id="chat")
-    return mm.prompt_row(model.tokenizer, record, image, model.system_prompt)
+    return model.prompt(question, image, history, sample_id="chat")
 
 
 def prompt_length_for(model: Model, n_tokens: int, gen_length: int, bucket: int) -> int:
@@ -333,10 +251,9 @@ class Answer:
 class Engine:
     """A loaded model plus the set of (sampler plan, prompt length) programs already compiled.
 
-    Programs come from the sampler's own jit caches (``sample_medv`` / ``generate_text``), keyed
-    here by the sampler's static plan and the padded prompt length (seeds, temperature and CFG
-    values are traced and never recompile). ``answer`` holds a
-    lock: one generation at a time on the device (the page's queue already does this; the lock
+    Programs are the model's (``api.Model.run`` compiles each once), keyed here by the
+    sampler's static plan and the padded prompt length (seeds, temperature and CFG values are
+    traced and never recompile). ``answer`` holds a lock: one generation at a time on the device (the page's queue already does this; the lock
     keeps direct callers safe too)."""
 
     def __init__(self, model: Model, prompt_bucket: int = 128):
@@ -356,14 +273,6 @@ class Engine:
             prompt_length=prompt_length,
             max_crops=m.max_crops,
         )
-
-    def _sample(self, row: mm.PromptRow, prompt_length: int, sc: SamplerConfig, rng) -> SampleOutput:
-        m = self.model
-        if m.takes_images:
-            out = mm.sample_medv(m.config, m.params, self.batch_for(row, prompt_length), rng, sc)
-        else:
-            out = generate_text(m.lm, m.params, [row.tokens], rng, sc, length=prompt_length)
-        return jax.block_until_ready(out)
 
     def answer(
         self,
@@ -386,38 +295,23 @@ class Engine:
         row = build_prompt(m, history, question, image)
         n = len(row.tokens)
         prompt_length = prompt_length_for(m, n, sampler_config.gen_length, self.prompt_bucket)
-        rng = jax.random.key(int(seed))
         key = (sampler_config._plan(), prompt_length)
         with self._lock:
-            compile_s = 0.0
-            if key not in self.compiled:
-                # First use of this shape: this run compiles (timed as compile + one generation);
-                # the timed run below then measures sampling alone.
-                t0 = time.perf_counter()
-                self._sample(row, prompt_length, sampler_config, rng)
-                compile_s = time.perf_counter() - t0
-                self.compiled.add(key)
-            t0 = time.perf_counter()
-            out = self._sample(row, prompt_length, sampler_config, rng)
-            sample_s = time.perf_counter() - t0
-        compile_s = max(compile_s - sample_s, 0.0) if compile_s else 0.0
-        tokens = np.asarray(out.tokens[0])
-        length = int(out.answer_length[0])
-        steps_run = int(out.steps_run[0])
-        ids = [int(i) for i in tokens[:length]]
+            out = m.run([row], [api.row_key(seed)], sampler_config, prompt_width=prompt_length)[0]
+            self.compiled.add(key)
         return Answer(
-            text=cli.decode(m.tokenizer, ids),
-            token_ids=ids,
-            frames=replay(tokens, np.asarray(out.commit_step[0]), steps_run, m.lm.eot_token_id),
-            steps_used=steps_run,
+            text=out.text,
+            token_ids=out.token_ids,
+            frames=replay(out.tokens, out.commit_step, out.steps, m.lm.eot_token_id),
+            steps_used=out.steps,
             steps_scheduled=sampler_config.steps,
             prompt_tokens=n,
             prompt_length=prompt_length,
-            sample_s=sample_s,
-            compile_s=compile_s,
+            sample_s=out.seconds,
+            compile_s=out.compile_seconds,
         )
 
 
 def render_frame(model: Model, frame: Sequence[int | None], placeholder: str = MASK_GLYPH) -> str:
     """A replayed canvas as text, masked positions as ``placeholder``."""
-    return cli.render_frame(model.tokenizer, frame, placeholder)
+    return api.render_frame(model.tokenizer, frame, placeholder)

@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv = command  # config_flags reads its overrides from sys.argv
         try:
             app.run(_train, argv=command, flags_parser=parse_flags)
-        except SystemExit as e:  # app.run ends in sys.exit (sys.exit(None) after a finished run)
+        except SystemExit as e:  # app.run ends in sys.exit
+            # sys.exit() and sys.exit(None) are success; a message (str) is a failure
             return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         finally:
             sys.argv = saved

@@ -3,6 +3,8 @@ config shares (``base_config``), the paper's fine-tuning stages, the tiny from-s
 miniature recipe's stage settings. Configs import them from here, so they load from any folder."""
 import ml_collections
 
+from medv_jax.sharding import LOGICAL_AXIS_RULES
+
 # The attention and MLP projections (medv_jax.models.llada.DEFAULT_LORA_TARGETS, written out so that
 # loading a config imports no model code).
 LORA_TARGETS = r"/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$"
@@ -97,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.param_groups = [("^vision/", None)]
 
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
+    # Logical axis name -> mesh axis (or axes, or None = whole) for parameters, their gradients and
+    # optimizer state, and the activations inside the train step (docs/architecture.md, Sharding).
+    c.sharding_rules = [list(rule) for rule in LOGICAL_AXIS_RULES]
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 0  # VQA questions answered with the sampler at the end (0 = none)

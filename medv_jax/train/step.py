@@ -8,6 +8,7 @@ with ``out_shardings``, so no device ever holds the whole model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from medv_jax import sharding as shd
+from medv_jax.models import layers
 from medv_jax.models.medv import MedV
 from medv_jax.train import loss as loss_lib
 from medv_jax.train.optimizer import merge_params, split_frozen
@@ -51,10 +53,10 @@ def create_state(params: Any, tx: optax.GradientTransformation, groups, rng: Arr
     )
 
 
-def state_shardings(abstract_boxed_state: TrainState, mesh) -> TrainState:
+def state_shardings(abstract_boxed_state: TrainState, mesh, rules=shd.LOGICAL_AXIS_RULES) -> TrainState:
     """Shardings for every leaf of the state from the logical names its boxes carry (optimizer
     moments inherit their parameter's names; scalars are replicated)."""
-    return shd.logical_shardings(abstract_boxed_state, mesh)
+    return shd.logical_shardings(abstract_boxed_state, mesh, rules)
 
 
 def init_sharded_state(
@@ -63,6 +65,7 @@ def init_sharded_state(
     groups,
     mesh,
     seed: int,
+    rules=shd.LOGICAL_AXIS_RULES,
 ) -> tuple[TrainState, TrainState]:
     """(state, its shardings), the state created directly in its shards."""
 
@@ -72,16 +75,17 @@ def init_sharded_state(
 
     rng = jax.random.PRNGKey(seed)
     abstract = jax.eval_shape(make, rng)
-    shardings = state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh, rules)
     state = jax.jit(lambda r: nn.unbox(make(r)), out_shardings=shardings)(rng)
     return state, shardings
 
 
-def state_from_params(params: Any, boxed_abstract_params: Any, tx, groups, mesh, seed: int):
+def state_from_params(params: Any, boxed_abstract_params: Any, tx, groups, mesh, seed: int,
+                      rules=shd.LOGICAL_AXIS_RULES):
     """(state, shardings) around existing (e.g. converted) params, placed in their shards."""
     rng = jax.random.key_data(jax.random.PRNGKey(seed))
     abstract = jax.eval_shape(lambda: create_state(boxed_abstract_params, tx, groups, rng))
-    shardings = state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh, rules)
     state = jax.jit(lambda p: create_state(p, tx, groups, rng), out_shardings=shardings)(params)
     return state, shardings
 
@@ -139,19 +143,20 @@ def make_train_step(model: MedV, tx: optax.GradientTransformation, config: StepC
     return step
 
 
-def jit_train_step(step_fn: Callable, shardings: TrainState, mesh, batch_example: dict[str, Any]):
-    """Jit with the state's shardings in and out, the batch on the batch axes, state donated."""
-    batch_shardings = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in batch_example.items()}
+def traced_with_layout(step_fn: Callable, mesh, rules, *args):
+    """``step_fn(*args)`` traced with the models' activations laid out by ``rules`` on ``mesh``."""
+    with layers.activation_sharding(mesh, rules):
+        return step_fn(*args)
 
-    jitted = jax.jit(
-        step_fn,
+
+def jit_train_step(step_fn: Callable, shardings: TrainState, mesh, batch_example: dict[str, Any],
+                   rules=shd.LOGICAL_AXIS_RULES):
+    """Jit with the state's shardings in and out, the batch on the batch axes, state donated, and
+    the activations inside laid out by the same logical-axis ``rules`` as the parameters."""
+    batch_shardings = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in batch_example.items()}
+    return jax.jit(
+        functools.partial(traced_with_layout, step_fn, mesh, rules),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
-
-    # NOTE: the models' logical activation constraints are left inert here (no
-    # nn.logical_axis_rules context): under the rules, flax re-applies the param boxes' constraints
-    # inside nn.scan with the pre-reshape rank of DenseGeneral kernels and fails. XLA propagates
-    # the batch and parameter shardings given above instead.
-    return jitted

@@ -9,6 +9,7 @@ step and the batch's example ids, leaving the last good checkpoint in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -28,8 +29,14 @@ from medv_jax import checkpoint
 from medv_jax import sharding as shd
 from medv_jax.data import pipeline
 from medv_jax.data import synthetic
+from medv_jax.data.records import load_records
+from medv_jax.data.tfds_vqa import read_split
+from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
 from medv_jax.data import tokenizer as tok_lib
 from medv_jax.models import adapters, llada, medv, siglip
+from medv_jax.sampling.diffusion import SamplerConfig
+from medv_jax.sampling.multimodal import (PromptBatch, image_config_for, sample_medv, system_prompt_for,
+                                          with_tokenizer_ids)
 from medv_jax.train import loss as loss_lib
 from medv_jax.train import optimizer as opt_lib
 from medv_jax.train import step as step_lib
@@ -122,7 +129,6 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfi
     """The MedV config: from ``init_from`` (a converted MedV checkpoint), or from presets with
     ``init_lm_from`` / ``init_vision_from`` (converted LLaDA / SigLIP checkpoints) replacing the LM
     and tower shapes; special ids always come from the tokenizer."""
-    from medv_jax.sampling.multimodal import with_tokenizer_ids
 
     m = config.model
     numerics = _numerics(m)
@@ -146,24 +152,32 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfi
     return with_tokenizer_ids(cfg, tokenizer)
 
 
+def sharding_rules(config: ml_collections.ConfigDict):
+    """The logical-axis rules of ``config.sharding_rules`` (the default table where unset)."""
+    rules = config.get("sharding_rules")
+    return shd.rules_from_config(rules) if rules else shd.LOGICAL_AXIS_RULES
+
+
 def initial_params(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, mesh, seed: int):
     """Params to start from, restored straight into their shards; None for a random start.
 
     With ``init_lm_from`` / ``init_vision_from`` the projector (and image_newline) start random.
     An adapted model (LoRA, quantized base) starts from the plain tree: its kernels are quantized
     in place and its adapters start fresh (B = 0: the model computes what its base does)."""
+    rules = sharding_rules(config)
     if adapted(model_cfg):
         base_cfg = model_cfg.replace(lm=model_cfg.lm.replace(lora_rank=0, weight_quant="none"))
         plain = initial_params(config, base_cfg, mesh, seed)
         if plain is None:
             plain = jax.jit(lambda r: nn.unbox(medv.init_params(base_cfg, r, boxed=True)),
-                            out_shardings=shd.logical_shardings(medv.abstract_params(base_cfg), mesh))(
+                            out_shardings=shd.logical_shardings(medv.abstract_params(base_cfg), mesh, rules))(
                 jax.random.PRNGKey(seed))
         boxed = medv.abstract_params(model_cfg)
         # One jitted program straight into the shards (on every process alike).
         conform = lambda p, r: adapters.conform_params(p, nn.unbox(boxed), r)
-        return jax.jit(conform, out_shardings=shd.logical_shardings(boxed, mesh))(plain, jax.random.PRNGKey(seed + 1))
-    shardings = shd.logical_shardings(medv.abstract_params(model_cfg), mesh)
+        return jax.jit(conform, out_shardings=shd.logical_shardings(boxed, mesh, rules))(
+            plain, jax.random.PRNGKey(seed + 1))
+    shardings = shd.logical_shardings(medv.abstract_params(model_cfg), mesh, rules)
     dtype = model_cfg.lm.param_dtype
     if config.get("init_from"):
         return checkpoint.load_pretrained(config.init_from, shardings, dtype)[1]
@@ -202,20 +216,14 @@ def data_sources(config: ml_collections.ConfigDict):
 
 
 def _load_tfds_records(spec: str, data_dir: str | None):
-    from medv_jax.data.tfds_vqa import read_split
-
     return pipeline.RecordList(read_split(spec, data_dir or None), name=spec)
 
 
 def _load_json_records(path: str):
-    from medv_jax.evaluate.records import load_records
-
     return pipeline.RecordList(load_records(path))
 
 
 def batch_config(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, batch_size: int):
-    from medv_jax.sampling.multimodal import image_config_for, system_prompt_for
-
     d = config.data
     return pipeline.BatchConfig(
         batch_size=batch_size,
@@ -340,7 +348,7 @@ class MetricsLog:
             self.tb.close()
 
 
-def make_eval_loss(model, mesh, shardings, batch_example):
+def make_eval_loss(model, mesh, shardings, batch_example, rules=shd.LOGICAL_AXIS_RULES):
     """Held-out loss with fixed mask draws (a deterministic number to watch)."""
 
     def fn(state, batch, rng):
@@ -349,7 +357,8 @@ def make_eval_loss(model, mesh, shardings, batch_example):
         return loss_lib.diffusion_loss(model, params, batch, masked, p)[0]
 
     batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in batch_example.items()}
-    return jax.jit(fn, in_shardings=(shardings, batch_sh, shd.replicated(mesh)))
+    return jax.jit(functools.partial(step_lib.traced_with_layout, fn, mesh, rules),
+                   in_shardings=(shardings, batch_sh, shd.replicated(mesh)))
 
 
 def _device_batch(batch: dict[str, np.ndarray], mesh) -> tuple[dict[str, jax.Array], np.ndarray]:
@@ -372,6 +381,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             (workdir / "model_config.json").write_text(json.dumps(checkpoint.config_to_dict(model_cfg), indent=2))
         model = medv.MedV(model_cfg)
         mesh = shd.make_mesh(tuple(config.mesh))
+        rules = sharding_rules(config)
         train_source, test_source = data_sources(config)
 
         t = config.train
@@ -396,9 +406,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         params = initial_params(config, model_cfg, mesh, config.seed)
         if params is None:
             init_fn = lambda rng: medv.init_params(model_cfg, rng, boxed=True)
-            state, shardings = step_lib.init_sharded_state(init_fn, tx, groups, mesh, config.seed)
+            state, shardings = step_lib.init_sharded_state(init_fn, tx, groups, mesh, config.seed, rules)
         else:
-            state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed)
+            state, shardings = step_lib.state_from_params(params, abstract_boxed, tx, groups, mesh, config.seed,
+                                                              rules)
             del params
         manager = checkpoint_manager(workdir, t.keep_checkpoints)
         start_step, position = 0, 0
@@ -423,8 +434,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         first = next(it)
         example = {k: v for k, v in first.items() if k != "example_id"}
         train_step = step_lib.jit_train_step(step_lib.make_train_step(
-            model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))), shardings, mesh, example)
-        eval_loss = make_eval_loss(model, mesh, shardings, example)
+            model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))),
+            shardings, mesh, example, rules)
+        eval_loss = make_eval_loss(model, mesh, shardings, example, rules)
         eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []
     except BaseException:
         if new_workdir:
@@ -530,9 +542,6 @@ def _held_out_loss(eval_loss, state, batches, mesh) -> float:
 def generated_answers(config, model_cfg, params, tokenizer, test_source, bcfg):
     """Yields (example id, question, reference answer, answer type, generated text, answer tokens)
     for the first ``eval.num_examples`` test records, answered by the jitted sampler."""
-    from medv_jax.sampling.diffusion import SamplerConfig
-    from medv_jax.sampling.multimodal import PromptBatch, sample_medv
-
     e = config.eval
     sampler = SamplerConfig(gen_length=e.gen_length, block_length=e.block_length, steps=e.steps)
     batches = pipeline.make_prompt_batches(test_source, tokenizer, bcfg, batch_size=e.batch_size,
@@ -578,8 +587,6 @@ def evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg) ->
 
 def evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg) -> dict[str, Any]:
     """Answer test questions with the jitted sampler and score them as LLaVA-Med does."""
-    from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
-
     refs, preds, examples = [], {}, []
     t0 = time.time()
     n_tokens = 0

@@ -1,37 +1,44 @@
-"""The evaluation commands hand generation to medv_jax.sampling.infer: the forwarded command line
-must parse with infer's own parser and carry every model / sampler / batching value."""
+"""The evaluation commands answer through the Python API with infer's batching: the sampler
+settings of their flags must be exactly those infer's flags give."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+import pytest
+
+from medv_jax.evaluate import __main__ as evaluate_command
 from medv_jax.evaluate import generation, run_vqa
-from medv_jax.sampling import infer
+from medv_jax.sampling import cli, infer
+from medv_jax.user_errors import UserError
 
 
 def _args(extra: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    run_vqa.add_arguments(parser)
+    run_vqa.add_arguments(parser, evaluate_command.generation_flags)
     return parser.parse_args(["--checkpoint", "ck", "--tokenizer", "tok", "--out", "run"] + extra)
 
 
-def test_infer_argv_parses_with_infer_and_keeps_every_value(tmp_path):
-    args = _args(["--tfds", "vqa_rad:test", "--tfds_data_dir", "/data", "--limit", "5",
-                  "--gen_length", "64", "--block_length", "32", "--steps", "16", "--temperature", "0.5",
-                  "--cfg_scale", "1.5", "--seed", "3", "--batch_size", "4", "--prompt_length", "128",
-                  "--image_folder", "imgs", "--question_suffix", " Answer concisely.", "--no_progress"])
-    argv = generation.infer_argv(args, "q.jsonl", "a.jsonl", {"steps": 32})
-    parsed = infer.build_parser().parse_args(argv)
-    # The run folder's question file, never the TFDS split or the record limit (applied before).
-    assert parsed.question_file == "q.jsonl" and parsed.tfds is None and parsed.limit is None
-    assert parsed.answers_file == "a.jsonl" and parsed.image_folder == "imgs" and parsed.no_progress
-    for dest, action in ((a.dest, a) for a in infer.build_parser()._actions if a.option_strings):
-        if dest in ("help", "debug", "question_file", "answers_file", "tfds", "tfds_data_dir", "limit",
-                    "image_folder", "no_progress"):
-            continue
-        want = 32 if dest == "steps" else getattr(args, dest)  # the override wins
-        assert getattr(parsed, dest) == want, dest
+SAMPLER = ["--gen_length", "64", "--block_length", "32", "--steps", "16", "--temperature", "0.5",
+           "--cfg_scale", "1.5", "--cache", "dual", "--cache_refresh", "4", "--threshold", "0.9",
+           "--adaptive_stop", "--stop_patience", "3", "--stop_entropy", "0.25"]
+
+
+def test_sampler_settings_are_infers_for_the_same_flags():
+    args = _args(["--questions", "q.json", "--seed", "3", "--batch_size", "4"] + SAMPLER)
+    parser = infer.build_parser()
+    flags = parser.parse_args(["--checkpoint", "ck", "--tokenizer", "tok", "--question_file", "q",
+                               "--answers_file", "a"] + SAMPLER)
+    assert generation.sampler_for(args) == cli.sampler_config_from(flags, parser)
+    # An override (a sweep's setting) wins over the flag.
+    assert generation.sampler_for(args, {"steps": 32}) == cli.sampler_config_from(flags, parser).replace(steps=32)
+    # The defaults are the benchmark's paper schedule, no fast mode.
+    plain = generation.sampler_for(_args(["--questions", "q.json"]))
+    assert (plain.gen_length, plain.block_length, plain.steps) == (128, 128, 128)
+    assert plain.cache is None and plain.selection is None and plain.adaptive_stop is None
+    with pytest.raises(UserError, match="not a multiple of block_length"):
+        generation.sampler_for(_args(["--questions", "q.json", "--gen_length", "10", "--block_length", "4"]))
 
 
 def test_question_rows_from_llava_and_flat_records():

@@ -3,7 +3,7 @@ import pytest
 
 from medv_jax.data import synthetic
 from medv_jax.evaluate import synthetic_reports
-from medv_jax.evaluate.records import load_records
+from medv_jax.data.records import load_records
 
 
 def test_question_file_rows_carry_their_scans(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medv_jax.sampling import generate
-from medv_jax.serve import engine
+import medv_jax
 from tests.sampling.test_commands import SAMPLER_FLAGS, files, model_flags  # noqa: F401 (fixture)
 
 
@@ -27,7 +27,7 @@ def test_generate_takes_the_quantization_flag(files, capsys):  # noqa: F811
 
 
 def test_python_api_loads_integer_kernels(files):  # noqa: F811
-    model = engine.load_model(files["checkpoint"], files["tokenizer"], weight_quant="int4")
+    model = medv_jax.load(files["checkpoint"], files["tokenizer"], weight_quant="int4")
     assert model.config.lm.weight_quant == "int4"
     q_proj = model.params["lm"]["layers"]["attn"]["q_proj"]
     assert q_proj["kernel"].dtype == np.dtype("int4") and "kernel_scale" in q_proj

@@ -13,7 +13,7 @@ from medv_jax.data.synthetic import SyntheticMedVQA
 from medv_jax.data.testing import build_test_tokenizer
 from medv_jax.data.tokenizer import load_tokenizer
 from medv_jax.models import medv
-from medv_jax.sampling import multimodal
+from medv_jax.sampling import api, multimodal
 
 
 def random_params(config, seed: int = 0, abstract=lambda c: nn.unbox(medv.abstract_params(c))):
@@ -68,4 +68,4 @@ def engine(tiny):
 
     from medv_jax.serve import cli
 
-    return eng.Engine(eng.load_model(tiny["checkpoint"], tiny["tokenizer"]), prompt_bucket=cli.PROMPT_BUCKET)
+    return eng.Engine(api.load(tiny["checkpoint"], tiny["tokenizer"]), prompt_bucket=cli.PROMPT_BUCKET)

@@ -223,7 +223,13 @@ def test_invalid_inputs_show_an_error_in_the_page(page, tiny):
     page.click("#upload button[aria-label=Clear]")
     page.set_input_files("#upload input[type=file]", str(tiny["images"] / "notes.txt"))
     status_contains(page, "Error: cannot read 'notes.txt' as an image")
+    page.fill("#question textarea", "Is there a fracture?")
+    page.click("#ask")  # refused: never answered without the image the user meant to give
+    status_contains(page, "could not be read")
+    assert bot_messages(page) == []
 
+    page.click("#upload button[aria-label=Clear]")
+    page.fill("#question textarea", "")
     page.click("#ask")  # no question typed
     status_contains(page, "Error: type a question first")
 
@@ -233,7 +239,6 @@ def test_invalid_inputs_show_an_error_in_the_page(page, tiny):
     status_contains(page, "gen_length=10 is not a multiple of block_length=4")
     assert bot_messages(page) == []
 
-    page.click("#upload button[aria-label=Clear]")
     page.get_by_text("CT_small.dcm").first.click()  # the pydicom CT example (soft-tissue window)
     status_contains(page, "Loaded CT_small.dcm")
     assert page.input_value("#question textarea") == "What modality is this?"

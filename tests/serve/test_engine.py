@@ -13,6 +13,7 @@ import pytest
 
 from medv_jax.data import conversation as conv
 from medv_jax.data import tokenizer as tok_lib
+from medv_jax.sampling import api
 from medv_jax.sampling import multimodal as mm
 from medv_jax.sampling.diffusion import SamplerConfig
 from medv_jax.serve import engine as eng
@@ -222,7 +223,7 @@ def test_text_only_checkpoint(tiny, tmp_path, image):
     config = tiny["config"].lm
     params = random_params(config, abstract=lambda c: nn.unbox(llada.abstract_params(c)))
     checkpoint.save_pretrained(tmp_path / "llada", config, params)
-    text_engine = eng.Engine(eng.load_model(str(tmp_path / "llada"), tiny["tokenizer"]))
+    text_engine = eng.Engine(api.load(str(tmp_path / "llada"), tiny["tokenizer"]))
     answer = text_engine.answer([], "What is a lesion?", None, SMALL)
     assert len(answer.frames) == answer.steps_used and answer.frames[-1] == answer.token_ids
     with pytest.raises(eng.UserError, match="scan.png: this checkpoint is a text-only LLaDA model"):

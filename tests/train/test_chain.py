@@ -140,7 +140,7 @@ def test_report_sweep_on_the_chains_report_model(chain_run, tmp_path, capsys):
 
     from medv_jax.evaluate import synthetic_reports
     from medv_jax.evaluate.__main__ import main as evaluate_main
-    from medv_jax.evaluate.records import load_records
+    from medv_jax.data.records import load_records
 
     root, _ = chain_run
     qdir = tmp_path / "reports"

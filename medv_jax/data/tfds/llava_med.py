@@ -57,7 +57,7 @@ class LlavaMed(tfds.core.GeneratorBasedBuilder):
         return out
 
     def _generate_examples(self, path: Path, images: common.ImageIndex) -> Iterator[tuple[str, dict[str, Any]]]:
-        from medv_jax.evaluate.records import load_records
+        from medv_jax.data.records import load_records
 
         try:
             records = load_records(path)

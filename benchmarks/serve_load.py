@@ -1,0 +1,166 @@
+"""The OpenAI-compatible server under load: throughput and latency against the number of concurrent
+clients, batched serving against one request at a time, on the demo model
+(``python -m medv_jax.train --config=configs/demo.py``) with the demo's settings.
+
+    python benchmarks/serve_load.py --checkpoint workdir/demo/model --tokenizer workdir/demo/tokenizer \
+        --clients 1,4,16,32 --requests 128 --out serve_load.json
+
+For each mode the server (medv_jax/serve/openai_compat.py) runs in this process on 127.0.0.1,
+compiled for the default settings at start-up, and ``--requests`` questions of the synthetic test
+split (their scans sent as PNG data: URLs) are asked through the official ``openai`` client by
+``c`` client threads for each ``c`` of ``--clients`` (each client sends its next question when it
+has its answer). Modes: ``batched`` (requests gathered for ``--window_ms`` into batches of up to
+the largest of ``--batch_sizes``) and ``one_at_a_time`` (batch size 1, no window). Reported per
+(mode, clients): requests per second (requests / wall time), p50 / p99 latency per request, mean
+batch size, and how many answers differ from ``model.answer`` asked alone (must be 0). The
+speedup is batched over one-at-a-time requests per second at the same client count.
+Results go to ``--out`` as JSON and a markdown table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.machine import describe_cpu  # noqa: E402
+from medv_jax.sampling import api  # noqa: E402
+from medv_jax.sampling.diffusion import SamplerConfig  # noqa: E402
+from medv_jax.serve import openai_compat as oc  # noqa: E402
+
+DEMO_SAMPLER = SamplerConfig(gen_length=4, block_length=4, steps=4)  # configs/demo.py's c.eval
+
+
+def questions(n: int, seed: int) -> list[tuple[bytes, str]]:
+    """(PNG bytes, question) of the first ``n`` synthetic test examples (the demo's families)."""
+    from medv_jax.data.synthetic import SyntheticMedVQA
+
+    data = SyntheticMedVQA("test", n, seed=seed, image_size=128)
+    out = []
+    for i in range(n):
+        example = data[i]
+        question = next(t["value"] for t in example["conversations"] if t["from"] == "human")
+        buffer = io.BytesIO()
+        example["image"].save(buffer, format="PNG")
+        out.append((buffer.getvalue(), question.replace("<image>", "").strip()))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def load_level(url: str, name: str, asks: list[tuple[bytes, str]], clients: int) -> dict:
+    """Ask every question of ``asks`` with ``clients`` concurrent clients; latencies and answers."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    work = list(enumerate(asks))
+    results: dict[int, tuple[float, list[int]]] = {}
+
+    def one_client(share):
+        for index, (png, question) in share:
+            t0 = time.perf_counter()
+            reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+                {"type": "text", "text": question},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+            ]}])
+            results[index] = (time.perf_counter() - t0, reply.model_extra["medv"]["token_ids"])
+
+    shares = [work[c::clients] for c in range(clients)]
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one_client, shares))
+    wall = time.perf_counter() - t0
+    latencies = [results[i][0] for i in range(len(asks))]
+    return {"wall_s": wall, "latencies": latencies, "token_ids": [results[i][1] for i in range(len(asks))]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="workdir/demo/model")
+    parser.add_argument("--tokenizer", default="workdir/demo/tokenizer")
+    parser.add_argument("--system_prompt", default="none", help="the demo trains without one (default: none)")
+    parser.add_argument("--gen_length", type=int, default=DEMO_SAMPLER.gen_length)
+    parser.add_argument("--block_length", type=int, default=DEMO_SAMPLER.block_length)
+    parser.add_argument("--steps", type=int, default=DEMO_SAMPLER.steps)
+    parser.add_argument("--clients", default="1,4,16,32", help="concurrent client counts")
+    parser.add_argument("--requests", type=int, default=128, help="questions asked at each client count")
+    parser.add_argument("--batch_sizes", default="1,2,4,8,16,32", help="the batched mode's batch sizes")
+    parser.add_argument("--window_ms", type=float, default=20.0, help="the batched mode's gathering window")
+    parser.add_argument("--modes", default="batched,one_at_a_time")
+    parser.add_argument("--seed", type=int, default=0, help="which synthetic test examples")
+    parser.add_argument("--out", default="serve_load.json")
+    args = parser.parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",")]
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    modes = {"batched": (sizes, args.window_ms / 1000), "one_at_a_time": ((1,), 0.0)}
+    chosen = args.modes.split(",")
+    unknown = [m for m in chosen if m not in modes]
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; use {list(modes)}")
+    for path in (args.checkpoint, args.tokenizer):
+        if not os.path.isdir(path):
+            parser.error(f"{path}: no such folder (train the demo first: python -m medv_jax.train --config=configs/demo.py)")
+
+    defaults = SamplerConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
+    model = api.load(args.checkpoint, args.tokenizer, system_prompt=args.system_prompt)
+    asks = questions(args.requests, args.seed)
+    # The reference: every question asked alone through the Python API.
+    import PIL.Image
+
+    expected = [model.answer(PIL.Image.open(io.BytesIO(png)).convert("RGB"), q, sampler=defaults).token_ids
+                for png, q in asks]
+    report = {"machine": describe_cpu(), "checkpoint": args.checkpoint, "requests": args.requests,
+              "sampler": {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps},
+              "results": []}
+    for mode in chosen:
+        batch_sizes, window = modes[mode]
+        batcher = oc.Batcher(model, batch_sizes=batch_sizes, window_s=window, max_queue=max(clients) * 2)
+        compile_s = batcher.warm_up(oc.default_warm_up_rows(model) + [model.prompt(asks[0][1], model.image(
+            PIL.Image.open(io.BytesIO(asks[0][0])).convert("RGB")))], defaults)
+        app = oc.build_app(model, batcher, defaults, served_name="demo")
+        with oc.serving(app) as url:
+            for c in clients:
+                before = len(batcher.batches_run)
+                level = load_level(url, "demo", asks, c)
+                batches = batcher.batches_run[before:]
+                row = {
+                    "mode": mode,
+                    "clients": c,
+                    "requests": len(asks),
+                    "requests_per_s": len(asks) / level["wall_s"],
+                    "p50_s": statistics.median(level["latencies"]),
+                    "p99_s": percentile(level["latencies"], 99),
+                    "mean_batch": sum(batches) / max(len(batches), 1),
+                    "answers_differing": sum(a != b for a, b in zip(level["token_ids"], expected)),
+                    "compile_s": compile_s,
+                }
+                report["results"].append(row)
+                print(json.dumps(row), file=sys.stderr)
+                Path(args.out).write_text(json.dumps(report, indent=1))
+    by = {(r["mode"], r["clients"]): r for r in report["results"]}
+    print(f"machine: {report['machine']}; {args.requests} requests per level; "
+          f"sampler {args.gen_length}/{args.block_length}/{args.steps}\n")
+    print("| clients | mode | requests/s | p50 s | p99 s | mean batch | answers differing | speedup |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        single = by.get(("one_at_a_time", r["clients"]))
+        speedup = f"{r['requests_per_s'] / single['requests_per_s']:.2f}x" if single and r["mode"] == "batched" else ""
+        print(f"| {r['clients']} | {r['mode']} | {r['requests_per_s']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
+              f"{r['mean_batch']:.1f} | {r['answers_differing']} | {speedup} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
