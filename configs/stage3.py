@@ -6,10 +6,8 @@ config's argument:
     python -m medv_jax.train --config=configs/stage3.py:slake --config.data.train_path=slake/train.json \\
         --config.data.test_path=slake/test.json --config.data.image_root=slake/images --config.tokenizer=...
 """
+from medv_jax.train.presets import STAGE3_EPOCHS as EPOCHS
 from medv_jax.train.presets import finetune_config
-
-# The paper's epochs per training set.
-EPOCHS = {"vqa_rad": 2, "slake": 10, "pathvqa": 7}
 
 
 def get_config(dataset: str):

@@ -9,8 +9,9 @@ from medv_jax.train.optimizer import FROZEN, group_of
 ROOT = Path(__file__).resolve().parents[1]
 STAGE3_DATASETS = ("vqa_rad", "slake", "pathvqa")
 # (config file, argument of its get_config or None)
-CONFIGS = [(p, None) for p in sorted((ROOT / "configs").rglob("*.py")) if p.name != "stage3.py"]
-CONFIGS += [(ROOT / "configs" / "stage3.py", d) for d in STAGE3_DATASETS]
+TAKES_DATASET = ("stage3.py", "stage3_lora.py")
+CONFIGS = [(p, None) for p in sorted((ROOT / "configs").rglob("*.py")) if p.name not in TAKES_DATASET]
+CONFIGS += [(ROOT / "configs" / name, d) for name in TAKES_DATASET for d in STAGE3_DATASETS]
 
 
 def _load(path, arg=None):
@@ -50,3 +51,16 @@ def test_stage_freezing_follows_the_paper():
     for stage in ("stage2", "stage3:vqa_rad", "stage3:slake", "stage3:pathvqa"):
         assert _frozen(stage, "vision/layers/mlp/fc1/kernel")
         assert not _frozen(stage, "lm/embed_tokens/embedding") and not _frozen(stage, "projector/fc2/bias")
+
+
+def test_lora_stage3_trains_adapters_and_projector_only():
+    for d in STAGE3_DATASETS:
+        full, lora = _load(ROOT / "configs" / "stage3.py", d), _load(ROOT / "configs" / "stage3_lora.py", d)
+        assert lora.train.num_epochs == full.train.num_epochs and lora.model.lora.rank == 64
+    with pytest.raises(ValueError, match="configs/stage3_lora.py:vqa_rad"):
+        _load(ROOT / "configs" / "stage3_lora.py", "vqarad")
+    for param in ("lm/layers/attn/q_proj/kernel", "lm/embed_tokens/embedding", "lm/lm_head/kernel",
+                  "vision/layers/mlp/fc1/kernel"):
+        assert _frozen("stage3_lora:slake", param), param
+    for param in ("lm/layers/attn/q_proj/lora_a", "lm/layers/mlp/down_proj/lora_b", "projector/fc1/kernel"):
+        assert not _frozen("stage3_lora:slake", param), param

@@ -99,6 +99,12 @@ def world(tmp_path_factory):
     (evaluate / "test.jsonl").write_text(json.dumps({"question_id": 1, "image": "scan.png", "text": "Is it?",
                                                      "answer_type": "CLOSED", "answer": "yes"}) + "\n")
     (root / "empty_folder").mkdir()
+    # An adapters checkpoint whose base checkpoint has moved away.
+    orphan = root / "orphan_adapters"
+    (orphan / "params").mkdir(parents=True)
+    shutil.copy(Path(paths["checkpoint"]) / "config.json", orphan / "config.json")
+    (orphan / "adapters.json").write_text(json.dumps({"base": str(root / "moved_base")}))
+    paths["orphan_adapters"] = str(orphan)
     (root / "existing_dst").mkdir()
     (root / "records.json").write_text("[]")
     paths.update(root=str(root), questions=str(questions), evaluate=str(evaluate), mismatch_ids=(base, other_ids))
@@ -121,6 +127,7 @@ MODEL = "--checkpoint {checkpoint} --tokenizer {tokenizer}"
 GEN = f"{MODEL} --image {{images}}/scan.png {SAMPLER}"
 INFER = f"{MODEL} --image_folder {{images}} --answers_file {{answers}} --no_progress {SAMPLER}"
 TRAIN = "--config=configs/demo.py --workdir={root}/run"
+LORA_TRAIN = "--config=configs/stage3_lora.py:slake --workdir={root}/run --config.data.source=synthetic --config.tokenizer=demo"
 STAGE2 = "--config=configs/stage2.py --workdir={root}/run"
 
 # (case, command, arguments, what the one line must name)
@@ -132,6 +139,8 @@ MISTAKES = [
     ("generate: no such tokenizer", "generate", f"--checkpoint {{checkpoint}} --tokenizer {{root}}/nope --question q", ["--tokenizer", "no such folder"]),
     ("generate: a folder without a tokenizer", "generate", f"--checkpoint {{checkpoint}} --tokenizer {{images}} --question q", ["--tokenizer", "cannot load"]),
     ("generate: another checkpoint's tokenizer", "generate", f"--checkpoint {{checkpoint}} --tokenizer {{other_tokenizer}} --question q", ["--tokenizer", "does not belong", "mask {mask_other} vs {mask}", "--allow_tokenizer_mismatch"]),
+    ("generate: unknown weight quantization", "generate", f"{GEN} --question q --weight_quant int3", ["--weight_quant", "int3"]),
+    ("generate: adapters without their base", "generate", f"--checkpoint {{orphan_adapters}} --tokenizer {{tokenizer}} --question q", ["--checkpoint", "moved_base", "not there"]),
     ("generate: empty question", "generate", f'{GEN} --question ""', ["--question is empty"]),
     ("generate: blank question", "generate", f'{GEN} --question "   "', ["--question is empty"]),
     ("generate: <image> only", "generate", f'{GEN} --question "<image>"', ["--question is empty", "<image>"]),
@@ -168,6 +177,7 @@ MISTAKES = [
     ("train: unknown config field", "train", f"{TRAIN} --config.nonexistent=1", ["--config.nonexistent", "no field 'nonexistent'", "closest"]),
     ("train: misspelt config field", "train", f"{TRAIN} --config.train.num_step=1", ["train.num_step", "closest: train.num_steps"]),
     ("train: stage 2 without its data", "train", STAGE2, ["config.data.train_path"]),
+    ("train: LoRA without a base model", "train", f"{LORA_TRAIN} --config.init_from=", ["config.model.lora.rank", "config.init_from"]),
     ("train: no such training file", "train", f"{STAGE2} --config.data.train_path={{root}}/nope.json", ["config.data.train_path", "nope.json"]),
     ("train: stage 2 without a tokenizer", "train", f"{STAGE2} --config.data.train_path={{root}}/records.json", ["config.tokenizer"]),
     ("train: unconverted init_from", "train", f"{STAGE2} --config.data.train_path={{root}}/records.json --config.tokenizer={{tokenizer}} --config.init_from={{hf}}", ["config.init_from", "Hugging Face"]),

@@ -81,6 +81,10 @@ def normal_init(std: float, names: tuple[str | None, ...]) -> Callable:
     return param_init(nn.initializers.normal(stddev=std), names)
 
 
+WEIGHT_QUANT = ("none", "int8", "int4")  # weight-only quantization of the LM's dense kernels
+QUANT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+
+
 class FlatDense(nn.Module):
     """A dense layer contracting the last ``in_axes`` axes of ``x`` into ``features`` (an int or a
     tuple: the kernel is ``x.shape[-in_axes:] + features``), computed as one 2-D matmul.
@@ -90,6 +94,14 @@ class FlatDense(nn.Module):
     of a ``[B, T, D] x [D, F]`` dot_general about 2x slower than that of the same product written
     as ``[B*T, D] x [D, F]`` (benchmarks/RESULTS.md, "Training step"); on GPU/TPU the two are
     the same program.
+
+    ``weight_quant`` "int8" / "int4": the kernel is stored as symmetric integers with one float32
+    scale per output channel (``kernel_scale``, shape ``(1,) * in_axes + features``); the scale is
+    applied to the matmul's output, so the result equals ``x @ (kernel * kernel_scale)``.
+    ``lora_rank`` > 0 adds a low-rank adapter ``x @ lora_a @ lora_b * lora_alpha / lora_rank``
+    (``lora_a``: ``in_shape + (rank,)``, random; ``lora_b``: ``(rank,) + features``, zero, so a
+    fresh adapter leaves the layer unchanged), kept in ``adapter_dtype``; with ``lora_dropout``
+    its input is dropped out when a "dropout" rng is given (training).
     """
 
     features: int | tuple[int, ...]
@@ -99,20 +111,88 @@ class FlatDense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    weight_quant: str = "none"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    adapter_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:  # [..., *in] -> [..., *features]
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         in_shape = tuple(x.shape[-self.in_axes:])
         lead = x.shape[: x.ndim - self.in_axes]
-        kernel = self.param("kernel", self.kernel_init, in_shape + features, self.param_dtype)
         n_in, n_out = math.prod(in_shape), math.prod(features)
         x2 = x.astype(self.dtype).reshape((-1, n_in))
-        y = jnp.dot(x2, kernel.astype(self.dtype).reshape((n_in, n_out)))
+        if self.weight_quant == "none":
+            kernel = self.param("kernel", self.kernel_init, in_shape + features, self.param_dtype)
+            y = jnp.dot(x2, kernel.astype(self.dtype).reshape((n_in, n_out)))
+        else:
+            check_choice(self.weight_quant, WEIGHT_QUANT, "weight_quant")
+            names = _axis_names(self.kernel_init)
+            kernel = self.param("kernel", _tagged(nn.initializers.zeros, names), in_shape + features,
+                                QUANT_DTYPES[self.weight_quant])
+            scale_names = None if names is None else (None,) * self.in_axes + tuple(names[self.in_axes:])
+            scale = self.param("kernel_scale", _tagged(nn.initializers.ones, scale_names),
+                               (1,) * self.in_axes + features, jnp.float32)
+            y = jnp.dot(x2, kernel.astype(self.dtype).reshape((n_in, n_out)))
+            y = y * scale.reshape((n_out,)).astype(self.dtype)
+        if self.lora_rank:
+            names = _axis_names(self.kernel_init)
+            a_names = None if names is None else tuple(names[: self.in_axes]) + (None,)
+            b_names = None if names is None else (None,) + tuple(names[self.in_axes:])
+            lora_a = self.param("lora_a", _tagged(nn.initializers.normal(n_in**-0.5), a_names),
+                                in_shape + (self.lora_rank,), self.adapter_dtype)
+            lora_b = self.param("lora_b", _tagged(nn.initializers.zeros, b_names),
+                                (self.lora_rank,) + features, self.adapter_dtype)
+            h = x2
+            if self.lora_dropout > 0 and self.has_rng("dropout"):
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(h.dtype)
+            low = jnp.dot(h, lora_a.astype(self.dtype).reshape((n_in, self.lora_rank)))
+            up = jnp.dot(low, lora_b.astype(self.dtype).reshape((self.lora_rank, n_out)))
+            y = y + up * jnp.asarray(self.lora_alpha / self.lora_rank, self.dtype)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, features, self.param_dtype)
             y = y + bias.astype(self.dtype).reshape((n_out,))
         return y.reshape(lead + features)
+
+
+class QuantizedEmbed(nn.Module):
+    """An embedding table stored as symmetric integers with one float32 scale per row
+    (``embedding``: ``[num_embeddings, features]`` integers, ``embedding_scale``:
+    ``[num_embeddings, 1]``); a lookup gathers the rows and their scales only."""
+
+    num_embeddings: int
+    features: int
+    weight_quant: str
+    dtype: Any = jnp.float32
+    names: tuple[str | None, ...] = ("embed_vocab", "embed")
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        table = self.param("embedding", param_init(nn.initializers.zeros, self.names),
+                           (self.num_embeddings, self.features), QUANT_DTYPES[self.weight_quant])
+        scale = self.param("embedding_scale", param_init(nn.initializers.ones, (self.names[0], None)),
+                           (self.num_embeddings, 1), jnp.float32)
+        rows = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        return rows * jnp.take(scale, tokens, axis=0).astype(self.dtype)
+
+
+def _axis_names(init: Callable) -> tuple[str | None, ...] | None:
+    """The logical axis names a ``param_init`` initializer tags its parameter with (None if untagged).
+
+    nn.with_logical_partitioning returns a plain function, so the names are read off one call on
+    abstract shapes (nothing is allocated)."""
+    try:
+        boxed = jax.eval_shape(lambda: init(jax.random.key(0), (1,) * 8))
+    except Exception:  # noqa: BLE001 - an untagged or rank-specific initializer
+        return None
+    return tuple(boxed.names) if isinstance(boxed, nn.LogicallyPartitioned) else None
+
+
+def _tagged(init: Callable, names: tuple[str | None, ...] | None) -> Callable:
+    return init if names is None else param_init(init, names)
 
 
 def attention(
@@ -181,7 +261,7 @@ def scan_layers(
     scanned = nn.scan(
         block,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},

@@ -14,10 +14,16 @@ Parameter tree (kernels are ``[in, out]``; leading ``L`` is the scanned layer ax
     layers/mlp/{gate,up}_proj/kernel [L, D, F];  layers/mlp/down_proj/kernel [L, F, D]
     final_norm/scale            [D]
     lm_head/kernel              [D, V]
+
+With ``lora_rank`` > 0 a targeted kernel's module also holds ``lora_a`` ``[L, *in, r]`` and ``lora_b``
+``[L, r, *out]``; with ``weight_quant`` the kernels are integers beside a float32 ``kernel_scale``
+(``[L, 1.., *out]``) and the embedding beside ``embedding_scale`` ``[V, 1]`` (layers.FlatDense,
+layers.QuantizedEmbed).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +33,8 @@ import jax.numpy as jnp
 from medv_jax.models import layers
 from medv_jax.models.layers import Array
 
+# The attention and MLP projections (not the LM head).
+DEFAULT_LORA_TARGETS = r"/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,16 @@ class LLaDAConfig:
     # converted checkpoints replace it). 0.02 is the released models'; a small model trained from
     # scratch learns faster with a larger one (configs/demo.py).
     init_std: float = 0.02
+    # Low-rank adapters (LoRA) on the dense kernels whose parameter path, written as in a MedV tree
+    # ("lm/layers/attn/q_proj/kernel", "lm/lm_head/kernel"), matches ``lora_targets``
+    # (re.search); rank 0 = none. Adapters are kept in float32 whatever param_dtype is.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = DEFAULT_LORA_TARGETS
+    # Weight-only quantization of the LM's weight matrices: "none" | "int8" | "int4", per output
+    # channel for the dense kernels (attention, MLP, LM head), per row for the token embedding.
+    weight_quant: str = "none"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -68,6 +86,17 @@ class LLaDAConfig:
         layers.check_choice(self.attention_impl, layers.ATTENTION_IMPLEMENTATIONS, "attention_impl")
         layers.check_choice(self.remat_policy, list(layers.REMAT_POLICIES), "remat_policy")
         layers.to_dtype(self.dtype), layers.to_dtype(self.param_dtype)
+        layers.check_choice(self.weight_quant, layers.WEIGHT_QUANT, "weight_quant")
+        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 and lora_dropout={self.lora_dropout} in [0, 1)")
+        re.compile(self.lora_targets)
+
+    def dense_options(self, path: str) -> dict[str, Any]:
+        """FlatDense's quantization and adapter fields for the kernel at ``path`` ("lm/...")."""
+        options: dict[str, Any] = {"weight_quant": self.weight_quant}
+        if self.lora_rank and re.search(self.lora_targets, path):
+            options.update(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        return options
 
     def replace(self, **changes: Any) -> "LLaDAConfig":
         return dataclasses.replace(self, **changes)
@@ -145,6 +174,7 @@ class Attention(nn.Module):
                 param_dtype=param_dtype,
                 kernel_init=layers.normal_init(cfg.init_std, ("embed", axis_name, "head_dim")),
                 name=name,
+                **cfg.dense_options(f"lm/layers/attn/{name}/kernel"),
             )(x)
 
         q = proj(cfg.num_heads, "q_proj", "heads")  # [B, T, H, Dh]
@@ -166,6 +196,7 @@ class Attention(nn.Module):
             param_dtype=param_dtype,
             kernel_init=layers.normal_init(cfg.init_std, ("heads", "head_dim", "embed")),
             name="o_proj",
+            **cfg.dense_options("lm/layers/attn/o_proj/kernel"),
         )(out)
         return out, (None if kv is None else (k, v))
 
@@ -188,6 +219,7 @@ class GatedMLP(nn.Module):
                 param_dtype=param_dtype,
                 kernel_init=layers.normal_init(cfg.init_std, names),
                 name=name,
+                **cfg.dense_options(f"lm/layers/mlp/{name}/kernel"),
             )
 
         gate = dense(cfg.mlp_hidden_size, ("embed", "mlp"), "gate_proj")(x)
@@ -247,13 +279,16 @@ class LLaDA(nn.Module):
     def setup(self):
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=layers.normal_init(cfg.init_std, ("embed_vocab", "embed")),
-        )
+        if cfg.weight_quant == "none":
+            self.embed_tokens = nn.Embed(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=layers.normal_init(cfg.init_std, ("embed_vocab", "embed")),
+            )
+        else:
+            self.embed_tokens = layers.QuantizedEmbed(cfg.vocab_size, cfg.hidden_size, cfg.weight_quant, dtype)
         # kv (the per-layer cache) is sliced on its leading layer axis; the rest is broadcast.
         self.layers = layers.scan_layers(
             Block,
@@ -269,6 +304,7 @@ class LLaDA(nn.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=layers.normal_init(cfg.init_std, ("embed", "vocab")),
+            **cfg.dense_options("lm/lm_head/kernel"),
         )
 
     def embed(self, tokens: Array) -> Array:

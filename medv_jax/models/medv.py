@@ -47,6 +47,9 @@ class MedVConfig:
     image_aspect_ratio: str = "anyres_max_4"
     mm_patch_merge_type: str = "spatial_unpad"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_GRID_PINPOINTS
+    # Storage dtype of the projector and image_newline; None = the LM's param_dtype. LoRA runs keep
+    # the frozen LM in bfloat16 and train these fully, so they stay in float32 there.
+    projector_param_dtype: str | None = None
 
     def __post_init__(self):
         layers.check_choice(self.image_aspect_ratio, IMAGE_FIT_MODES, "image_aspect_ratio")
@@ -104,14 +107,15 @@ class MedV(nn.Module):
     def setup(self):
         cfg = self.config
         self.vision = siglip.SiglipVisionTower(cfg.vision)
-        self.projector = Projector(cfg.lm.hidden_size, cfg.lm.dtype, cfg.lm.param_dtype, cfg.lm.init_std)
+        projector_dtype = cfg.projector_param_dtype or cfg.lm.param_dtype
+        self.projector = Projector(cfg.lm.hidden_size, cfg.lm.dtype, projector_dtype, cfg.lm.init_std)
         self.lm = llada.LLaDA(cfg.lm)
         if cfg.use_image_newline:
             self.image_newline = self.param(
                 "image_newline",
                 layers.param_init(nn.initializers.normal(0.02), ("embed",)),
                 (cfg.lm.hidden_size,),
-                layers.to_dtype(cfg.lm.param_dtype),
+                layers.to_dtype(projector_dtype),
             )
 
     def encode_images(self, pixels: Array) -> Array:

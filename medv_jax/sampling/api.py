@@ -33,6 +33,7 @@ import numpy as np
 
 from medv_jax.data.anyres import ImageConfig
 from medv_jax.data.image import PreprocessedImage
+from medv_jax.models.layers import WEIGHT_QUANT
 from medv_jax.models.llada import LLaDAConfig
 from medv_jax.models.medv import MedVConfig
 from medv_jax.sampling import multimodal as mm
@@ -120,13 +121,19 @@ def load(
     allow_tokenizer_mismatch: bool = False,
     prompt_bucket: int = PROMPT_BUCKET,
     opened: tuple[Any, Any] | None = None,
+    weight_quant: str | None = None,
+    merge_adapters: bool = False,
 ) -> "Model":
     """Load a converted checkpoint (``python -m tools.convert_weights``) and its tokenizer.
 
     system_prompt: "medical" (default, docs/algorithm.md §3), "general", "none" or any text;
     question_suffix: appended to every question; param_dtype: cast the weights on load; dtype /
     attention_impl: compute dtype and attention kernel (default: the checkpoint's / the
-    platform's). ``opened``: ``open_checkpoint``'s result when the caller has it already."""
+    platform's). ``opened``: ``open_checkpoint``'s result when the caller has it already.
+    weight_quant: "int8" / "int4" quantizes the LM's weight matrices on load (weight-only, per
+    output channel; the embedding per row), "none" keeps them float, None as stored.
+    merge_adapters: an adapters checkpoint (a LoRA run's) is merged into its base's kernels
+    instead of computed beside them."""
     from medv_jax import checkpoint as checkpoint_lib
 
     if prompt_bucket <= 0:
@@ -135,7 +142,10 @@ def load(
         checkpoint, tokenizer, param_dtype=param_dtype, dtype=dtype,
         allow_tokenizer_mismatch=allow_tokenizer_mismatch,
     )
-    config, params = checkpoint_lib.load_pretrained(os.path.expanduser(checkpoint), dtype=param_dtype)
+    if weight_quant is not None and weight_quant not in WEIGHT_QUANT:
+        raise UserError(f"weight_quant={weight_quant!r} is not one of {list(WEIGHT_QUANT)}")
+    config, params = checkpoint_lib.load_pretrained(os.path.expanduser(checkpoint), dtype=param_dtype,
+                                                    merge_adapters=merge_adapters, weight_quant=weight_quant)
     changes = {}
     if dtype is not None:
         changes["dtype"] = dtype

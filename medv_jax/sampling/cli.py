@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from medv_jax.data.dicom import WINDOW_CHOICES
-from medv_jax.models.layers import ATTENTION_CHOICES
+from medv_jax.models.layers import ATTENTION_CHOICES, WEIGHT_QUANT
 from medv_jax.sampling.diffusion import (
     CACHE_MODES,
     REMASKING,
@@ -32,6 +32,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_tokenizer_mismatch_arg(g)
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    g.add_argument("--weight_quant", default=None, choices=WEIGHT_QUANT,
+                   help="weight-only quantization of the LM's dense kernels on load, per output channel "
+                        "(default: as the checkpoint is stored)")
+    g.add_argument("--merge_adapters", action="store_true",
+                   help="an adapters checkpoint (a LoRA run's workdir/adapters): merge the adapters into the "
+                        "base's kernels on load instead of computing them beside the kernels")
     g.add_argument(
         "--attention_impl", default=None, choices=ATTENTION_CHOICES,
         help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)",
@@ -220,6 +226,8 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype,
         attention_impl=getattr(args, "attention_impl", None),
         allow_tokenizer_mismatch=getattr(args, "allow_tokenizer_mismatch", False),
+        weight_quant=getattr(args, "weight_quant", None),
+        merge_adapters=getattr(args, "merge_adapters", False),
     )
 
 

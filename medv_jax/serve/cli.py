@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Sequence
 
-from medv_jax.models.layers import ATTENTION_CHOICES
+from medv_jax.models.layers import ATTENTION_CHOICES, WEIGHT_QUANT
 from medv_jax.sampling import cli as sampling_cli
 from medv_jax.sampling.diffusion import SamplerConfig
 from medv_jax.user_errors import CommandParser, UserError, command_name, run_command
@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--question_suffix", default="", help="appended to every question")
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
+    g.add_argument("--weight_quant", default=None, choices=WEIGHT_QUANT,
+                   help="weight-only quantization of the LM's dense kernels on load, per output channel "
+                        "(default: as the checkpoint is stored)")
+    g.add_argument("--merge_adapters", action="store_true",
+                   help="an adapters checkpoint (a LoRA run's workdir/adapters): merge the adapters into the "
+                        "base's kernels on load instead of computing them beside the kernels")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     g.add_argument("--attention_impl", default=None, choices=ATTENTION_CHOICES)
     # The page opens with these settings and compiles them at start-up.
@@ -140,6 +146,8 @@ def _serve(argv: list[str]) -> int:
         dtype=args.dtype,
         attention_impl=args.attention_impl,
         allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+        weight_quant=args.weight_quant,
+        merge_adapters=args.merge_adapters,
     )
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s")
     engine = eng.Engine(model, prompt_bucket=args.prompt_bucket)

@@ -127,8 +127,10 @@ def diffusion_loss(
     masked: Array,  # [B, T] bool, from draw_masks
     p: Array,  # [B]
     ce_chunk: int = 512,
+    dropout_rng: Array | None = None,  # LoRA dropout (None: none, as in evaluation)
 ) -> tuple[Array, dict[str, Array]]:
     labels = batch["labels"]
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     answer_mask = labels != IGNORE_INDEX
     variables = {"params": params}
     embeds = model.apply(
@@ -144,9 +146,9 @@ def diffusion_loss(
     mask_embed = model.apply(variables, mask_id, method=lambda m, x: m.lm.embed(x))[0, 0]
     embeds = jnp.where(masked[..., None], mask_embed.astype(embeds.dtype), embeds)
     hidden = model.apply(
-        variables, embeds, batch.get("key_mask"), method=lambda m, e, k: m.lm.hidden_states(e, k)
+        variables, embeds, batch.get("key_mask"), method=lambda m, e, k: m.lm.hidden_states(e, k), rngs=rngs
     )
-    logits_fn = lambda h: model.apply(variables, h, method=lambda m, x: m.lm.logits(x))
+    logits_fn = lambda h: model.apply(variables, h, method=lambda m, x: m.lm.logits(x), rngs=rngs)
     targets = jnp.where(answer_mask, labels, 0)
     token_ce = chunked_token_ce(logits_fn, hidden, targets, ce_chunk, needed=masked)
     per_seq = sequence_losses(token_ce, masked, p, answer_mask)

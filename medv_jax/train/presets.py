@@ -5,6 +5,10 @@ import ml_collections
 
 from medv_jax.sharding import LOGICAL_AXIS_RULES
 
+# The attention and MLP projections (medv_jax.models.llada.DEFAULT_LORA_TARGETS, written out so that
+# loading a config imports no model code).
+LORA_TARGETS = r"/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$"
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -28,6 +32,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat_policy = "full"
     c.model.attention_impl = ""  # "" (per_head on CPU, JAX's choice elsewhere) | "xla" | "cudnn" | "per_head"
+    # LoRA adapters on the LM kernels whose path ("lm/layers/attn/q_proj/kernel") matches
+    # lora.targets (rank 0 = none; see lora_finetune_config); base_quant "int8" / "int4" stores
+    # the LM's dense kernels quantized (QLoRA: they must be frozen); projector_param_dtype ("" =
+    # param_dtype) keeps a fully trained projector in float32 beside a bfloat16 base.
+    c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=LORA_TARGETS))
+    c.model.base_quant = "none"
+    c.model.projector_param_dtype = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "json"  # "json" (LLaVA records) | "tfds" | "synthetic"
@@ -102,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Stage 3: the paper's epochs per VQA training set.
+STAGE3_EPOCHS = {"vqa_rad": 2, "slake": 10, "pathvqa": 7}
+
+
 def finetune_config(name: str, init_from: str, epochs: int) -> ml_collections.ConfigDict:
     """Stages 2 and 3: LLM + projector (vision frozen), global batch 8, lr 1e-5 (LLaDA-V recipe)."""
     c = base_config()
@@ -112,6 +127,29 @@ def finetune_config(name: str, init_from: str, epochs: int) -> ml_collections.Co
     c.optim.lr = 1e-5
     c.optim.param_groups = [("^vision/", None)]
     return c
+
+
+def lora_finetune_config(name: str, init_from: str, epochs: int, rank: int = 64,
+                         lora_lr: float = 2e-4, projector_lr: float = 2e-5) -> ml_collections.ConfigDict:
+    """Stage 3 with LoRA: adapters (rank 64, alpha 16, dropout 0.05) on the LM's attention and MLP
+    projections and the projector trained fully (lr 2e-4 and 2e-5, LLaVA's LoRA recipe); the LM's
+    base weights frozen in bfloat16, the vision tower frozen. Set model.base_quant to "int8" or
+    "int4" for QLoRA."""
+    c = finetune_config(name, init_from, epochs)
+    c.model.lora.rank = rank
+    c.model.lora.alpha = 16.0
+    c.model.lora.dropout = 0.05
+    c.model.param_dtype = "bfloat16"  # the frozen base
+    c.model.projector_param_dtype = "float32"
+    c.optim.lr = projector_lr  # the default group: projector and image_newline
+    c.optim.param_groups = lora_groups(lora_lr)
+    return c
+
+
+def lora_groups(lora_lr: float) -> list:
+    """Adapters train at ``lora_lr``; the LM's base weights and the vision tower are frozen; the rest
+    (projector, image_newline) trains at ``optim.lr``."""
+    return [("^vision/", None), ("/lora_[ab]$", lora_lr), ("^lm/", None)]
 
 
 def tiny_from_scratch(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:

@@ -97,9 +97,12 @@ def _split_micro(x: Array, k: int) -> Array:
 def make_train_step(model: MedV, tx: optax.GradientTransformation, config: StepConfig) -> Callable:
     """``step(state, batch) -> (state, metrics)``, not yet jitted (see ``jit_train_step``)."""
 
-    def loss_fn(trainable, frozen, batch, masked, p):
+    use_dropout = model.config.lm.lora_rank > 0 and model.config.lm.lora_dropout > 0
+
+    def loss_fn(trainable, frozen, batch, masked, p, dropout_rng):
         params = merge_params(trainable, frozen)
-        return loss_lib.diffusion_loss(model, params, batch, masked, p, config.ce_chunk)
+        return loss_lib.diffusion_loss(model, params, batch, masked, p, config.ce_chunk,
+                                       dropout_rng if use_dropout else None)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -109,10 +112,12 @@ def make_train_step(model: MedV, tx: optax.GradientTransformation, config: StepC
         masked, p = loss_lib.draw_masks(step_rng, batch["labels"] != loss_lib.IGNORE_INDEX,
                                         times=config.mask_times)
         k = config.micro_batches
+        # A key of its own for adapter dropout, so runs without it draw exactly the masks they did.
+        dropout_keys = jax.random.split(jax.random.fold_in(step_rng, 1), k)
         if k == 1:
-            (_, metrics), grads = grad_fn(state.params, state.frozen, batch, masked, p)
+            (_, metrics), grads = grad_fn(state.params, state.frozen, batch, masked, p, dropout_keys[0])
         else:
-            micro = jax.tree_util.tree_map(lambda x: _split_micro(x, k), (batch, masked, p))
+            micro = jax.tree_util.tree_map(lambda x: _split_micro(x, k), (batch, masked, p)) + (dropout_keys,)
 
             def accumulate(grads, xs):
                 (_, m), g = grad_fn(state.params, state.frozen, *xs)

@@ -33,7 +33,7 @@ from medv_jax.data.records import load_records
 from medv_jax.data.tfds_vqa import read_split
 from medv_jax.evaluate.vqa_scoring import VQAReference, format_vqa_table, score_vqa
 from medv_jax.data import tokenizer as tok_lib
-from medv_jax.models import llada, medv, siglip
+from medv_jax.models import adapters, llada, medv, siglip
 from medv_jax.sampling.diffusion import SamplerConfig
 from medv_jax.sampling.multimodal import (PromptBatch, image_config_for, sample_medv, system_prompt_for,
                                           with_tokenizer_ids)
@@ -91,6 +91,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         "--config.tokenizer=DIR")
     if config.tokenizer not in ("demo", "demo_reports"):
         existing_path("config.tokenizer", config.tokenizer, "folder")
+    lora = config.model.get("lora")
+    if lora is not None and lora.get("rank", 0) and not config.get("init_from"):
+        raise UserError("config.model.lora.rank > 0 trains adapters on a base model: set config.init_from "
+                        "to a converted MedV checkpoint")
     for field in ("init_from", "init_lm_from", "init_vision_from"):
         if config.get(field):
             checkpoint.check_converted(config.get(field), f"config.{field}")
@@ -106,6 +110,21 @@ def _numerics(m: ml_collections.ConfigDict) -> dict[str, Any]:
                 attention_impl=m.attention_impl or None)
 
 
+def lm_adapter_options(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The LM's LoRA and base-quantization fields from ``config.model``."""
+    lora = m.get("lora") or ml_collections.ConfigDict()
+    options = dict(lora_rank=int(lora.get("rank", 0)), weight_quant=m.get("base_quant", "none") or "none")
+    if options["lora_rank"]:
+        options.update(lora_alpha=float(lora.get("alpha", 16.0)), lora_dropout=float(lora.get("dropout", 0.0)),
+                       lora_targets=lora.get("targets", llada.DEFAULT_LORA_TARGETS))
+    return options
+
+
+def adapted(model_cfg: medv.MedVConfig) -> bool:
+    """Whether the LM carries adapters or quantized kernels (trees a plain checkpoint lacks)."""
+    return bool(model_cfg.lm.lora_rank) or model_cfg.lm.weight_quant != "none"
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfig:
     """The MedV config: from ``init_from`` (a converted MedV checkpoint), or from presets with
     ``init_lm_from`` / ``init_vision_from`` (converted LLaDA / SigLIP checkpoints) replacing the LM
@@ -117,7 +136,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfi
         cfg = checkpoint.load_config(config.init_from)
         if not isinstance(cfg, medv.MedVConfig):
             raise ValueError(f"init_from={config.init_from} holds a {type(cfg).__name__}, not a MedV model")
-        cfg = cfg.replace(lm=cfg.lm.replace(**numerics), vision=cfg.vision.replace(**numerics))
+        cfg = cfg.replace(lm=cfg.lm.replace(**numerics, **lm_adapter_options(m)), vision=cfg.vision.replace(**numerics),
+                          projector_param_dtype=m.get("projector_param_dtype") or None)
     else:
         lm = llada.LLADA_PRESETS[m.lm_preset].replace(**dict(m.lm_overrides))
         vision = siglip.SIGLIP_PRESETS[m.vision_preset].replace(**dict(m.vision_overrides))
@@ -125,9 +145,10 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> medv.MedVConfi
             lm = checkpoint.load_config(config.init_lm_from)
         if config.get("init_vision_from"):
             vision = checkpoint.load_config(config.init_vision_from)
-        cfg = medv.MedVConfig(lm=lm.replace(**numerics), vision=vision.replace(**numerics),
+        cfg = medv.MedVConfig(lm=lm.replace(**numerics, **lm_adapter_options(m)), vision=vision.replace(**numerics),
                               image_aspect_ratio=m.image_aspect_ratio,
-                              mm_patch_merge_type=m.mm_patch_merge_type)
+                              mm_patch_merge_type=m.mm_patch_merge_type,
+                              projector_param_dtype=m.get("projector_param_dtype") or None)
     return with_tokenizer_ids(cfg, tokenizer)
 
 
@@ -140,8 +161,23 @@ def sharding_rules(config: ml_collections.ConfigDict):
 def initial_params(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, mesh, seed: int):
     """Params to start from, restored straight into their shards; None for a random start.
 
-    With ``init_lm_from`` / ``init_vision_from`` the projector (and image_newline) start random."""
-    shardings = shd.logical_shardings(medv.abstract_params(model_cfg), mesh, sharding_rules(config))
+    With ``init_lm_from`` / ``init_vision_from`` the projector (and image_newline) start random.
+    An adapted model (LoRA, quantized base) starts from the plain tree: its kernels are quantized
+    in place and its adapters start fresh (B = 0: the model computes what its base does)."""
+    rules = sharding_rules(config)
+    if adapted(model_cfg):
+        base_cfg = model_cfg.replace(lm=model_cfg.lm.replace(lora_rank=0, weight_quant="none"))
+        plain = initial_params(config, base_cfg, mesh, seed)
+        if plain is None:
+            plain = jax.jit(lambda r: nn.unbox(medv.init_params(base_cfg, r, boxed=True)),
+                            out_shardings=shd.logical_shardings(medv.abstract_params(base_cfg), mesh, rules))(
+                jax.random.PRNGKey(seed))
+        boxed = medv.abstract_params(model_cfg)
+        # One jitted program straight into the shards (on every process alike).
+        conform = lambda p, r: adapters.conform_params(p, nn.unbox(boxed), r)
+        return jax.jit(conform, out_shardings=shd.logical_shardings(boxed, mesh, rules))(
+            plain, jax.random.PRNGKey(seed + 1))
+    shardings = shd.logical_shardings(medv.abstract_params(model_cfg), mesh, rules)
     dtype = model_cfg.lm.param_dtype
     if config.get("init_from"):
         return checkpoint.load_pretrained(config.init_from, shardings, dtype)[1]
@@ -215,20 +251,35 @@ def checkpoint_manager(workdir: Path, keep: int):
                                  item_names=("state", "data"))
 
 
-def save_checkpoint(manager, step: int, state, next_batch: int) -> None:
+def save_checkpoint(manager, step: int, state, next_batch: int, base: str | None = None) -> None:
     """The train state and the data position: the next global batch of the plan, the same on
-    every process and for any process count (a grain iterator state names one process's shard)."""
+    every process and for any process count (a grain iterator state names one process's shard).
+    ``base``: the checkpoint the state's (omitted) frozen params come from, recorded beside it."""
     import orbax.checkpoint as ocp
 
+    data = {"next_batch": int(next_batch)}
+    if base is not None:
+        data["base"] = str(Path(base).expanduser().absolute())
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"next_batch": int(next_batch)}),
+        data=ocp.args.JsonSave(data),
     ))
 
 
-def restore_checkpoint(manager, step: int, abstract_state):
+def check_trainable(trainable_shape: Any) -> None:
+    """Quantized kernels cannot train: a UserError when optim.param_groups leaves one trainable."""
+    from flax.traverse_util import flatten_dict
+
+    for path, leaf in flatten_dict(trainable_shape).items():
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.integer):
+            raise UserError(f"{'/'.join(path)} is quantized (config.model.base_quant) and cannot train: freeze "
+                            "it in config.optim.param_groups, e.g. ('^lm/', None) after the adapters' group")
+
+
+def restore_checkpoint(manager, step: int, abstract_state, expect_base: str | None = None):
     """(state, data position): the next global batch (int), or the grain iterator state (bytes)
-    of a checkpoint written before positions were saved."""
+    of a checkpoint written before positions were saved. ``expect_base``: the base checkpoint the
+    caller loaded the frozen params from, which must be the one the checkpoint was trained on."""
     import orbax.checkpoint as ocp
 
     restored = manager.restore(step, args=ocp.args.Composite(
@@ -236,6 +287,9 @@ def restore_checkpoint(manager, step: int, abstract_state):
         data=ocp.args.JsonRestore(),
     ))
     data = restored["data"]
+    if expect_base is not None and data.get("base") != str(Path(expect_base).expanduser().absolute()):
+        raise UserError(f"the checkpoint at step {step} was trained on the base {data.get('base')!r}, "
+                        f"not config.init_from={expect_base!r}")
     position = int(data["next_batch"]) if "next_batch" in data else data["iterator"].encode("latin-1")
     return restored["state"], position
 
@@ -343,6 +397,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         groups = [tuple(g) for g in config.optim.param_groups]
         abstract_boxed = medv.abstract_params(model_cfg)
         trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)
+        check_trainable(trainable_shape)
+        slim = bool(model_cfg.lm.lora_rank)  # adapter runs checkpoint only what trains
         o = config.optim
         tx = opt_lib.make_optimizer(trainable_shape, groups, o.lr, total_steps, o.warmup_ratio,
                                     o.weight_decay, o.max_grad_norm, o.b1, o.b2, o.eps, o.final_lr_ratio)
@@ -361,7 +417,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             start_step = manager.latest_step()
             abstract_state = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-            state, position = restore_checkpoint(manager, start_step, abstract_state)
+            if slim:  # the frozen base is the one loaded above from config.init_from
+                restored, position = restore_checkpoint(manager, start_step, abstract_state.replace(frozen={}),
+                                                        expect_base=config.init_from)
+                state = restored.replace(frozen=state.frozen)
+            else:
+                state, position = restore_checkpoint(manager, start_step, abstract_state)
             print(f"resumed from {workdir / 'checkpoints'} at step {start_step}")
         loader = pipeline.make_loader(train_source, tokenizer, bcfg, seed=config.seed,
                                       worker_count=config.data.worker_count,
@@ -418,7 +479,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             if eval_batches and t.eval_every and step % t.eval_every == 0:
                 log.write(step, {"loss": _held_out_loss(eval_loss, state, eval_batches, mesh)}, "eval")
             if step % t.checkpoint_every == 0 or step == total_steps or preempt.requested:
-                save_checkpoint(manager, step, state, next_batch)
+                save_checkpoint(manager, step, state.replace(frozen={}) if slim else state, next_batch,
+                                base=config.init_from if slim else None)
             if preempt.requested:
                 manager.wait_until_finished()
                 print(f"SIGTERM: saved a checkpoint at step {step}; exiting")
@@ -441,10 +503,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             summary["reports"] = evaluate_reports(config, model_cfg, params, tokenizer, test_source, bcfg)
         else:
             summary["vqa"] = evaluate_vqa(config, model_cfg, params, tokenizer, test_source, bcfg)
+    # The trained tensors only (adapter runs), gathered by every process.
+    trained = None if not slim else jax.device_get(state.params) if n_proc == 1 else \
+        multihost_utils.process_allgather(state.params, tiled=True)
     if jax.process_index() == 0:
-        export = workdir / "model"
-        checkpoint.save_pretrained(export, model_cfg, params, overwrite=True)
-        summary["model"] = str(export)
+        if slim:  # with the base they apply to
+            export = workdir / "adapters"
+            checkpoint.save_adapters(export, model_cfg, trained, config.init_from, overwrite=True)
+            summary["adapters"] = str(export)
+        else:
+            export = workdir / "model"
+            checkpoint.save_pretrained(export, model_cfg, params, overwrite=True)
+            summary["model"] = str(export)
         summary["total_seconds"] = round(time.time() - t_start, 1)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -393,11 +393,12 @@ def hf_tensors(config: checkpoint.Config, params: Any) -> Iterator[tuple[str, np
 
 
 def export_checkpoint(src, dst, overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3):
-    """Write the medv_jax checkpoint ``src`` as a Hugging Face folder (safetensors + config.json)."""
+    """Write the medv_jax checkpoint ``src`` as a Hugging Face folder (safetensors + config.json); an
+    adapters checkpoint is written with its adapters merged into its base's weights."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists (use --overwrite)")
-    config, params = checkpoint.load_pretrained(src)
+    config, params = checkpoint.load_pretrained(src, merge_adapters=True, weight_quant="none")
     params = jax.tree_util.tree_map(np.asarray, params)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
