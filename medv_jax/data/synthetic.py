@@ -646,7 +646,10 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
     texts += [q.text for q in CLOSED_QUESTIONS] + [q.text for q in OPEN_QUESTIONS]
     texts += [" ".join(q.answers) for q in OPEN_QUESTIONS]
     texts += list(_MODALITY_DISPLAY.values()) + list(SIZES) + list(COUNT_WORDS)
-    texts += ["scan of the with no lesions lesion one on the both sides side and"]
+    # Caption words; their "and" comes with the report words: one more word here would shift the
+    # demo tokenizer's ids, and the demo's trained result depends on that layout
+    # (benchmarks/RESULTS.md, "Training demo").
+    texts += ["scan of the with no lesions lesion one on the both sides side"]
     if include_chat_roles:
         texts += ["system user assistant"]
     words = set()
