@@ -156,7 +156,8 @@ def page(browser, server):
 
 
 def status_contains(page, text: str) -> None:
-    page.wait_for_function("t => document.querySelector('#status').innerText.includes(t)", arg=text)
+    # The status element may not be rendered yet right after the page loads: wait for it too.
+    page.wait_for_function("t => (document.querySelector('#status')?.innerText ?? '').includes(t)", arg=text)
 
 
 def bot_messages(page) -> list[str]:
@@ -257,7 +258,7 @@ def test_two_users_at_once_each_get_their_answer(browser, server, scan, page):
         page.click("#ask")
         page2.click("#ask")
         for p in (page, page2):
-            p.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+            status_contains(p, "Done")
             assert bot_messages(p) == [final_text(want)]
     finally:
         other.close()
