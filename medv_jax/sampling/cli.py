@@ -21,15 +21,9 @@ from medv_jax.sampling.multimodal import SYSTEM_PROMPTS
 MASK_PLACEHOLDER = api.MASK_PLACEHOLDER
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--checkpoint", required=True, help="converted medv_jax checkpoint folder")
-    g.add_argument(
-        "--tokenizer",
-        required=True,
-        help="tokenizer folder (loaded with transformers.AutoTokenizer; a LLaDA-MedV download has one)",
-    )
-    add_tokenizer_mismatch_arg(g)
+def add_weight_args(g) -> None:
+    """How the weights are held and computed on load (dtypes, quantization, adapters, attention
+    kernel): the flags every command that loads a checkpoint for answering shares."""
     g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
     g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     g.add_argument("--weight_quant", default=None, choices=WEIGHT_QUANT,
@@ -42,6 +36,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--attention_impl", default=None, choices=ATTENTION_CHOICES,
         help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)",
     )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True, help="converted medv_jax checkpoint folder")
+    g.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer folder (loaded with transformers.AutoTokenizer; a LLaDA-MedV download has one)",
+    )
+    add_tokenizer_mismatch_arg(g)
+    add_weight_args(g)
     g.add_argument(
         "--system_prompt",
         default="medical",

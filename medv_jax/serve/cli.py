@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Sequence
 
-from medv_jax.models.layers import ATTENTION_CHOICES, WEIGHT_QUANT
 from medv_jax.sampling import cli as sampling_cli
 from medv_jax.sampling.diffusion import SamplerConfig
 from medv_jax.user_errors import CommandParser, UserError, command_name, run_command
@@ -57,15 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="medical|general|none|TEXT (default: none for the demo model, medical otherwise)",
     )
     g.add_argument("--question_suffix", default="", help="appended to every question")
-    g.add_argument("--param_dtype", default=None, help="cast the weights on load (e.g. bfloat16)")
-    g.add_argument("--weight_quant", default=None, choices=WEIGHT_QUANT,
-                   help="weight-only quantization of the LM's dense kernels on load, per output channel "
-                        "(default: as the checkpoint is stored)")
-    g.add_argument("--merge_adapters", action="store_true",
-                   help="an adapters checkpoint (a LoRA run's workdir/adapters): merge the adapters into the "
-                        "base's kernels on load instead of computing them beside the kernels")
-    g.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
-    g.add_argument("--attention_impl", default=None, choices=ATTENTION_CHOICES)
+    sampling_cli.add_weight_args(g)
     # The page opens with these settings and compiles them at start-up.
     sampling_cli.add_sampler_args(parser)
     parser.set_defaults(**{name: None for name in SAMPLER_FIELDS})
