@@ -48,6 +48,7 @@ SLOW_TESTS = (
     "tests/models/test_llada.py::test_bf16_compute_with_fp32_params_and_remat",
     "tests/models/test_layers.py::test_per_head_attention_equals_jax_attention",
     "tests/sampling/test_sampler.py::test_batched_equals_each_row_alone",
+    "tests/sampling/test_quantized.py::test_int8_answers_agree_with_float_on_the_trained_demo",
     "tests/test_user_mistakes.py::test_a_real_process",
     "tests/test_user_mistakes.py::test_train_in_a_real_process",
     "tests/test_user_mistakes.py::test_no_pytorch_advice",
