@@ -6,14 +6,11 @@ config's argument:
     python -m medv_jax.train --config=configs/stage3.py:slake --config.data.train_path=slake/train.json \\
         --config.data.test_path=slake/test.json --config.data.image_root=slake/images --config.tokenizer=...
 """
-from medv_jax.train.presets import STAGE3_EPOCHS as EPOCHS
-from medv_jax.train.presets import finetune_config
+from medv_jax.train.presets import finetune_config, stage3_epochs
 
 
 def get_config(dataset: str):
-    if dataset not in EPOCHS:
-        raise ValueError(f"configs/stage3.py:{dataset}: unknown dataset; use one of "
-                         f"{', '.join(f'configs/stage3.py:{d}' for d in EPOCHS)}")
-    c = finetune_config(f"stage3_{dataset}", "workdir/stage2/model", epochs=EPOCHS[dataset])
+    epochs = stage3_epochs("configs/stage3.py", dataset)
+    c = finetune_config(f"stage3_{dataset}", "workdir/stage2/model", epochs=epochs)
     c.eval.num_examples = 100000  # the whole test split
     return c

@@ -8,13 +8,11 @@ workdir/adapters, which every sampling command loads on top of the base (merged 
     python -m medv_jax.train --config=configs/stage3_lora.py:slake --config.data.train_path=slake/train.json \\
         --config.data.test_path=slake/test.json --config.data.image_root=slake/images --config.tokenizer=...
 """
-from medv_jax.train.presets import STAGE3_EPOCHS, lora_finetune_config
+from medv_jax.train.presets import lora_finetune_config, stage3_epochs
 
 
 def get_config(dataset: str):
-    if dataset not in STAGE3_EPOCHS:
-        raise ValueError(f"configs/stage3_lora.py:{dataset}: unknown dataset; use one of "
-                         f"{', '.join(f'configs/stage3_lora.py:{d}' for d in STAGE3_EPOCHS)}")
-    c = lora_finetune_config(f"stage3_lora_{dataset}", "workdir/stage2/model", epochs=STAGE3_EPOCHS[dataset])
+    epochs = stage3_epochs("configs/stage3_lora.py", dataset)
+    c = lora_finetune_config(f"stage3_lora_{dataset}", "workdir/stage2/model", epochs=epochs)
     c.eval.num_examples = 100000  # the whole test split
     return c

@@ -117,6 +117,14 @@ def base_config() -> ml_collections.ConfigDict:
 STAGE3_EPOCHS = {"vqa_rad": 2, "slake": 10, "pathvqa": 7}
 
 
+def stage3_epochs(config_file: str, dataset: str) -> int:
+    """The paper's stage-3 epochs for ``dataset``; a ValueError naming the config forms otherwise."""
+    if dataset not in STAGE3_EPOCHS:
+        raise ValueError(f"{config_file}:{dataset}: unknown dataset; use one of "
+                         f"{', '.join(f'{config_file}:{d}' for d in STAGE3_EPOCHS)}")
+    return STAGE3_EPOCHS[dataset]
+
+
 def finetune_config(name: str, init_from: str, epochs: int) -> ml_collections.ConfigDict:
     """Stages 2 and 3: LLM + projector (vision frozen), global batch 8, lr 1e-5 (LLaDA-V recipe)."""
     c = base_config()

@@ -1,7 +1,6 @@
 """Training on 2 local processes x 4 fake CPU devices (one 8-device (data, fsdp, tensor) mesh over
 JAX's distributed runtime, gloo collectives on loopback) matches the one-process 8-device run;
 a run killed mid-way resumes with the same losses; checkpoints move between process counts."""
-import json
 import shutil
 import signal
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from tests.multihost.procs import Group, single_env
 from tests.train.test_trainer import TINY
+from tests.train.test_trainer import _losses
 
 STEPS, EVERY = 12, 4
 # Cross-process reductions (gloo) add in another order than the in-process ones: the runs agree
@@ -25,15 +25,6 @@ def _cmd(workdir):
     return [sys.executable, "-m", "medv_jax.train", "--config=configs/demo.py", f"--workdir={workdir}", *TINY,
             "--config.mesh=(2,2,2)", f"--config.train.num_steps={STEPS}",
             f"--config.train.checkpoint_every={EVERY}", "--config.train.keep_checkpoints=10"]
-
-
-def _losses(workdir) -> dict[int, float]:
-    out = {}
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["split"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _assert_same_losses(got, want):
