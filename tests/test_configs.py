@@ -27,6 +27,8 @@ def test_config_builds(path, arg):
 
 def test_configs_load_from_any_folder(tmp_path, monkeypatch):
     """Configs import their building blocks from the package, not from a neighbouring file."""
+    for path, _ in CONFIGS:
+        assert "sys.path" not in path.read_text(), path
     monkeypatch.chdir(tmp_path)
     assert _load(ROOT / "configs" / "mini" / "stage2_instruct.py").data.task == "report"
     assert _load(ROOT / "configs" / "stage3.py", "slake").train.num_epochs == 10
