@@ -193,5 +193,5 @@ def answer_questions(
         if pending:
             flush_batch()
     if bar is not None:
-        progress.close()
+        bar.close()
     return AnsweredRun(written, skipped, steps_used, time.perf_counter() - started)
