@@ -28,8 +28,11 @@ Answer rows: ``{"question_id", "prompt", "text", "answer_id", "model_id", "metad
 * Several processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or
   a SLURM / TPU launch; docs/multihost.md): process p of N answers the rows r with r % N == p
   into ``ANSWERS.process-P`` beside the answers file; once all are done, process 0 appends them to
-  the answers file in question order (each question once) and removes them. A rerun after a
-  process died counts the answers of those files as done.
+  the answers file in question order (each question once) and removes them
+  (``medv_jax.sampling.shares``). A rerun on any N after a process died counts the answers of
+  those files as done.
+* ``--limit N``: the first N questions of the file, however many processes share them (each
+  answers its rows among those N); questions answered by an earlier run count among them.
 * Row r of the question file draws its random numbers from ``fold_in(key(seed), r)``, so its
   answer does not depend on the batch it lands in, nor on resuming.
 """
@@ -41,11 +44,10 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
-import jax
 import numpy as np
 
-from medv_jax.sampling import cli
-from medv_jax.sampling.answers import _key, answered_ids, checked_questions  # noqa: F401 (used here and by tests)
+from medv_jax.sampling import cli, shares
+from medv_jax.sampling.answers import checked_questions
 from medv_jax.user_errors import CommandParser, UserError, command_name, existing_path, run_command
 
 COMMAND = "medv_jax.infer"
@@ -66,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_id", default=None, help="model_id written in answers (default: checkpoint folder name)")
     g.add_argument("--batch_size", type=int, default=8)
     g.add_argument("--prompt_length", type=int, default=0, help="fixed prompt width; 0 = per batch, bucketed")
-    g.add_argument("--limit", type=int, default=None, help="answer at most this many new questions")
+    g.add_argument("--limit", type=int, default=None,
+                   help="only the first N questions of the file (a total over all processes, split "
+                   "among them like the whole file; already answered ones count)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     cli.add_sampler_args(parser)
     return parser
@@ -100,44 +104,6 @@ def tfds_questions(spec: str, data_dir: str | None) -> Iterator[tuple[int, Any, 
         yield i, row, ""
 
 
-def part_file(answers_file: str, process_index: int) -> str:
-    """Where process ``process_index`` of a multi-process run writes its answers."""
-    return f"{answers_file}.process-{process_index}"
-
-
-def part_files(answers_file: str) -> list[str]:
-    """Part files beside ``answers_file`` (of any earlier process count too)."""
-    import glob
-
-    return sorted(glob.glob(glob.escape(answers_file) + ".process-*"))
-
-
-def merge_parts(answers_file: str, order: dict[str, int]) -> int:
-    """Append the part files' answers that ``answers_file`` lacks, in question order (``order``:
-    key -> row index), then remove the parts; returns how many were appended. Safe to repeat
-    after an interruption: what is already merged is not appended again."""
-    done = answered_ids(answers_file)
-    new: dict[str, tuple[int, str]] = {}
-    for part in part_files(answers_file):
-        with open(part, "rb") as f:
-            data = f.read()
-        for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines():
-            try:
-                key = _key(json.loads(line)["question_id"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if key not in done and key not in new:
-                new[key] = (order.get(key, len(order)), line)
-    with open(answers_file, "a", encoding="utf-8") as out:
-        for _, line in sorted(new.values(), key=lambda x: x[0]):
-            out.write(line + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    for part in part_files(answers_file):
-        os.remove(part)
-    return len(new)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda a: run(build_parser().parse_args(a)), argv, COMMAND)
 
@@ -148,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     sampler_config = cli.sampler_config_from(args, build_parser())
     if args.batch_size <= 0:
         raise UserError(f"--batch_size={args.batch_size} must be positive")
+    if args.limit is not None and args.limit < 0:
+        raise UserError(f"--limit={args.limit} must be >= 0")
     if args.prompt_length < 0:
         raise UserError(f"--prompt_length={args.prompt_length} must be >= 0")
     if os.path.isdir(os.path.expanduser(args.answers_file)):
@@ -170,49 +138,22 @@ def run(args: argparse.Namespace) -> int:
             raise
         except (ValueError, OSError) as e:
             raise UserError(f"--tfds {args.tfds}: {e}") from None
-    from medv_jax.sharding import DistributedSetupError, maybe_initialize_distributed
-
-    try:
-        maybe_initialize_distributed()
-    except DistributedSetupError as e:
-        raise UserError(str(e)) from None
+    process, processes = shares.start_processes()
     opened = cli.open_model(args)
     if not isinstance(opened[0], MedVConfig):
         raise UserError(f"--checkpoint {args.checkpoint!r} is a text-only LLaDA model: infer needs a MedV checkpoint")
 
-    process, processes = jax.process_index(), jax.process_count()
-    # Several processes: each writes its own file; process 0 merges them at the end.
-    own_file = part_file(args.answers_file, process) if processes > 1 else args.answers_file
-    done = answered_ids(args.answers_file, repair=processes == 1 or process == 0)
-    for part in part_files(args.answers_file) if processes > 1 else ():
-        done |= answered_ids(part, repair=part == own_file)
-    order: dict[str, int] = {}
-    todo, bad = [], []
-    for index, row, error in rows:
-        if row is None:
-            bad.append(error)
-            print(f"skipping {error}", file=sys.stderr)
-            continue
-        key = _key(row["question_id"])
-        order.setdefault(key, index)
-        if key not in done and index % processes == process:
-            todo.append((index, row))
-    if args.limit is not None:
-        todo = todo[: args.limit]
-    share = f" (process {process} of {processes})" if processes > 1 else ""
-    print(
-        f"{len(done)} already answered, {len(todo)} to answer{share}, {len(bad)} unreadable rows",
-        file=sys.stderr,
-    )
-    if todo and (code := _answer(args, sampler_config, opened, image_options, todo, own_file, bad)):
+    bad = [error for _, row, error in rows if row is None]
+    for error in bad:
+        print(f"skipping {error}", file=sys.stderr)
+    questions = [(index, row) for index, row, _ in rows if row is not None]
+    share = shares.process_share(questions, args.answers_file, process, processes, limit=args.limit)
+    print(f"{share.summary()}, {len(bad)} unreadable rows", file=sys.stderr)
+    if share.todo and (code := _answer(args, sampler_config, opened, image_options, share.todo, share.own_file, bad)):
         return code
-    if processes > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("answers written")  # every part is complete
-        if process == 0:
-            merged = merge_parts(args.answers_file, order)
-            print(f"merged {merged} answers of {processes} processes into {args.answers_file}", file=sys.stderr)
+    merged = shares.merge_shares(share, args.answers_file)
+    if processes > 1 and process == 0:
+        print(f"merged {merged} answers of {processes} processes into {args.answers_file}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Batch inference on 2 local processes: each answers its share, process 0 merges one answers file
 with every question exactly once (the same answers as one process), and a run whose process was
-killed resumes from the answers already written."""
+killed resumes from the answers already written; `--limit N` is the first N questions over all
+processes."""
 import json
 import signal
 import sys
@@ -97,3 +98,15 @@ def test_a_killed_process_then_a_relaunch_answers_every_question_once(setup, ref
     log1 = group.log_of(procs[1])
     assert "already answered" in log1 and f"{N_QUESTIONS // 2} to answer" not in log1
     _check_merged(answers, reference)
+
+
+def test_limit_counts_questions_over_all_processes(setup, reference, group, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    procs = group.launch(_cmd(setup, answers) + ["--limit", "5"], 2, 1, "limit")
+    group.check(procs, TIMEOUT)
+    # The first 5 questions of the file, split as the whole file is: rows 0, 2, 4 and 1, 3.
+    assert "3 to answer (process 0 of 2)" in group.log_of(procs[0])
+    assert "2 to answer (process 1 of 2)" in group.log_of(procs[1])
+    rows = _answers(answers)
+    assert [a["question_id"] for a in rows] == [f"q{i}" for i in range(5)]
+    assert all(a["metadata"]["token_ids"] == reference[a["question_id"]] for a in rows)

@@ -122,7 +122,7 @@ def test_infer_resume_and_bad_rows(files, capsys):
         "--answers_file", str(answers), "--batch_size", "2", "--model_id", "tiny", "--no_progress",
     ] + SAMPLER_FLAGS
 
-    # First run: the first two new questions only (one of them has a missing image).
+    # First run: the first two questions only (one of them has a missing image).
     assert infer.main(flags + ["--limit", "2"]) == 0
     err = capsys.readouterr().err
     assert "'q2'" in err and "missing.png" in err and "line 3" in err
