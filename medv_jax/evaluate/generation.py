@@ -146,48 +146,60 @@ def generate_answers(
 ) -> dict[str, Any]:
     """Answer ``rows`` into ``run_dir/answers.jsonl`` as infer would (resuming), timing the call.
 
-    Returns ``{"answered": new answers, "wall_seconds": ..., "total": answers on file}``.
+    On several processes (started with ``shares.start_processes`` before this call) each answers
+    its share as infer does and returns once process 0 has merged them; process 0 alone writes the
+    question file and the timing line. Returns ``{"answered": new answers, "wall_seconds": ...,
+    "total": answers on file}`` (counted by process 0; the other processes' own share).
     Raises UserError, before anything is written, for a mistake in the questions, the sampler
     settings or the model flags."""
-    from medv_jax.sampling import answers
+    import jax
+
+    from medv_jax.sampling import answers, shares
 
     values = {**vars(args), **overrides}
     answers.checked_questions(((i, dict(r), "") for i, r in enumerate(rows)), "questions")
     sampler = sampler_for(args, overrides)
     image_options = _image_options(values)
     opened = _open(values)  # a wrong checkpoint or tokenizer leaves no run folder behind
+    process = jax.process_index()
     os.makedirs(run_dir, exist_ok=True)
-    question_file = os.path.join(run_dir, QUESTIONS)
     answers_file = os.path.join(run_dir, ANSWERS)
-    write_questions(rows, question_file)
-    wanted = {id_key(r["question_id"]) for r in rows}
+    if process == 0:  # one writer for the files every process shares
+        write_questions(rows, os.path.join(run_dir, QUESTIONS))
     before = set(_answer_ids(answers_file))
-    if wanted <= before:
-        print(f"{run_dir}: all {len(wanted)} questions already answered", file=sys.stderr)
-        return {"answered": 0, "wall_seconds": 0.0, "total": len(before)}
     started = time.perf_counter()
-    model = load_model(values, opened)
-    done = answers.answered_ids(answers_file)
-    todo = [(i, dict(r)) for i, r in enumerate(rows) if answers._key(r["question_id"]) not in done]
-    answers.answer_questions(
-        model, todo, answers_file, sampler,
-        seed=values.get("seed", 0), batch_size=values["batch_size"], prompt_length=values.get("prompt_length", 0),
-        image_folder=str(values.get("image_folder") or ""), image_options=image_options,
-        model_id=values.get("model_id") or os.path.basename(os.path.normpath(values["checkpoint"])),
-        progress=not values.get("no_progress"),
-    )
+    share = shares.process_share(list(enumerate(dict(r) for r in rows)), answers_file, process,
+                                 jax.process_count())
+    print(f"{run_dir}: {share.summary()}", file=sys.stderr)
+    if share.todo:
+        answers.answer_questions(
+            load_model(values, opened), share.todo, share.own_file, sampler,
+            seed=values.get("seed", 0), batch_size=values["batch_size"],
+            prompt_length=values.get("prompt_length", 0),
+            image_folder=str(values.get("image_folder") or ""), image_options=image_options,
+            model_id=values.get("model_id") or os.path.basename(os.path.normpath(values["checkpoint"])),
+            progress=not values.get("no_progress"),
+        )
+    shares.merge_shares(share, answers_file)
     wall = time.perf_counter() - started
+    if process != 0:
+        return {"answered": len(share.todo), "wall_seconds": wall, "total": None}
     new_ids = [i for i in _answer_ids(answers_file) if i not in before]
     if new_ids:
-        entry = {
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "answered": len(new_ids),
-            "wall_seconds": wall,
-            "question_ids": new_ids,
-        }
-        with open(os.path.join(run_dir, TIMING), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        _append_timing(run_dir, new_ids, wall)
     return {"answered": len(new_ids), "wall_seconds": wall, "total": len(before) + len(new_ids)}
+
+
+def _append_timing(run_dir: str, new_ids: Sequence[str], wall: float) -> None:
+    """One timing.jsonl line: the call's wall time and the answers it added to the run."""
+    entry = {
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "answered": len(new_ids),
+        "wall_seconds": wall,
+        "question_ids": list(new_ids),
+    }
+    with open(os.path.join(run_dir, TIMING), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
 
 
 def load_answers(run_dir: str) -> list[dict[str, Any]]:

@@ -9,6 +9,13 @@ file), ``timing.jsonl`` (one line per generation call), ``metrics.json`` (VQA sc
 lengths incl. seconds per question and tokens/s, sampler settings) and ``per_question.jsonl``.
 Rerunning with the same RUN_DIR skips the questions already answered and rescores everything.
 
+Several processes (docs/multihost.md): each answers its share of the questions as
+``python -m medv_jax.infer`` does (``medv_jax.sampling.shares``); process 0 writes
+``questions.jsonl``, merges the answers once every process is done, then scores and writes
+``timing.jsonl``, ``metrics.json`` and ``per_question.jsonl``. The answers and scores are those of
+one process. After a process died, the same command (on any number of processes) answers only the
+missing questions. ``--limit N`` is the first N questions, whatever the process count.
+
 Question records: LLaVA-Med's VQA test files (``id``, ``image``, ``conversations`` with the
 question in the human turn and the answer in the gpt turn, ``answer_type``) or flat rows
 (``question_id``, ``image``, ``text`` = question, ``answer``, ``answer_type``).
@@ -103,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser, generation_flags: Callable[..
     parser.add_argument("--dataset", default=None,
                         help="benchmark name for reports, e.g. vqa_rad, slake, pathvqa "
                         "(default: the TFDS name or the question file's name)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N questions (a total over all processes)")
     generation_flags(parser, gen_length=128, block_length=128, steps=128)
 
 
@@ -159,6 +167,8 @@ def run(args: argparse.Namespace, overrides: Mapping[str, Any] = {}, quiet: bool
 
     if args.batch_size <= 0:
         raise ValueError(f"--batch_size={args.batch_size} must be positive")
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit={args.limit} must be >= 0")
     records, where = read_questions(args)
     if args.limit is not None:
         records = records[: args.limit]
@@ -166,8 +176,13 @@ def run(args: argparse.Namespace, overrides: Mapping[str, Any] = {}, quiet: bool
         raise ValueError(f"{where}: no questions")
     rows = question_rows(records, where)
     references_from_records(records, where=where)  # fail on bad references before generating
+    from medv_jax.sampling import shares
+
+    process, _ = shares.start_processes()
     run_dir = args.out
     call = generation.generate_answers(args, rows, run_dir, overrides)
+    if process != 0:  # process 0 scores the merged answers and writes the run's files
+        return 0
     tokenizer = tok_lib.load_tokenizer(os.path.expanduser(args.tokenizer))
     extra = {
         "name": args.name or os.path.basename(os.path.normpath(run_dir)),
