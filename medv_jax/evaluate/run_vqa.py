@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser, generation_flags: Callable[..
     parser.add_argument("--dataset", default=None,
                         help="benchmark name for reports, e.g. vqa_rad, slake, pathvqa "
                         "(default: the TFDS name or the question file's name)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="only the first N questions (a total over all processes)")
     generation_flags(parser, gen_length=128, block_length=128, steps=128)
 

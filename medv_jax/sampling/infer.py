@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_id", default=None, help="model_id written in answers (default: checkpoint folder name)")
     g.add_argument("--batch_size", type=int, default=8)
     g.add_argument("--prompt_length", type=int, default=0, help="fixed prompt width; 0 = per batch, bucketed")
-    g.add_argument("--limit", type=int, default=None,
+    g.add_argument("--limit", type=int, default=None, metavar="N",
                    help="only the first N questions of the file (a total over all processes, split "
                    "among them like the whole file; already answered ones count)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
