@@ -54,6 +54,10 @@ SIZES = ("small", "large")
 MAX_LESIONS = 3
 MAX_PER_SIDE = 2
 COUNT_WORDS = ("none", "one", "two", "three")
+# A side's lesions with their sizes (at most MAX_PER_SIDE), as the reports and the "findings"
+# questions state them.
+SIDE_FINDINGS = ("no lesions", "one small lesion", "one large lesion", "two small lesions",
+                 "one small and one large lesion", "two large lesions")
 
 _MODALITY_DISPLAY = {"ct": "CT", "mri": "MRI", "x-ray": "X-ray"}
 _SPLIT_CODES = {"train": 0, "test": 1, "validation": 2, "val": 2}
@@ -274,6 +278,13 @@ class OpenQuestion:
     answer: Any  # Callable[[Scene], str | None]
 
 
+def side_findings(scene: Scene, side: str) -> str:
+    """What a side shows, in the reports' words: "no lesions", "one small lesion", ...,
+    "one small and one large lesion" (one of `SIDE_FINDINGS`)."""
+    sizes = [l.size for l in scene.lesions if l.side == side]
+    return _sizes_phrase(sizes)[0] if sizes else "no lesions"
+
+
 def _closed_questions() -> tuple[ClosedQuestion, ...]:
     qs = [
         ClosedQuestion("modality", "Is this a CT scan?", lambda s: s.modality == "ct"),
@@ -297,6 +308,8 @@ def _open_questions() -> tuple[OpenQuestion, ...]:
         OpenQuestion("region", "Which part of the body is shown?", REGIONS, lambda s: s.region),
         OpenQuestion("side", "On which side is the lesion?", ("left", "right", "both"), lambda s: s.lesion_side),
         OpenQuestion("count", "How many lesions are there?", COUNT_WORDS, lambda s: COUNT_WORDS[s.count]),
+        *(OpenQuestion("findings", f"What is seen on the {side} side?", SIDE_FINDINGS,
+                       functools.partial(side_findings, side=side)) for side in SIDES),
     )
 
 
@@ -643,8 +656,11 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
         texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_NO_LESION_FORMS)
         texts += list(_COUNT_FORMS) + list(_SIDE_FORMS) + list(_IMPRESSION.values())
         texts += ["is are lesion lesions and a an", " ".join(REGIONS)]
-    texts += [q.text for q in CLOSED_QUESTIONS] + [q.text for q in OPEN_QUESTIONS]
-    texts += [" ".join(q.answers) for q in OPEN_QUESTIONS]
+    # The "findings" questions bring words of the reports ("seen", "and"): they join with those,
+    # so that the demo tokenizer's ids stay as they are (see the caption words below).
+    asked = [q for q in OPEN_QUESTIONS if reports or q.family != "findings"]
+    texts += [q.text for q in CLOSED_QUESTIONS] + [q.text for q in asked]
+    texts += [" ".join(q.answers) for q in asked]
     texts += list(_MODALITY_DISPLAY.values()) + list(SIZES) + list(COUNT_WORDS)
     # Caption words; their "and" comes with the report words: one more word here would shift the
     # demo tokenizer's ids, and the demo's trained result depends on that layout

@@ -164,10 +164,13 @@ def test_vocabulary_covers_every_text():
     vocab = set(S.vocabulary())
     assert {"system", "user", "assistant", "yes", "no", "ct", "mri", "x", "ray", "left", "right"} <= vocab
     assert len(vocab) < 80
-    # The demo's questions with the demo vocabulary; captions (the miniature recipe's stage 1) with
-    # the reports' vocabulary, which the recipe uses.
-    for task, words_of in (("vqa", vocab), ("caption", set(S.vocabulary(reports=True)))):
-        src = S.SyntheticMedVQA("train", 300, task=task)
+    # Every question family but "findings" with the demo vocabulary; captions and the "findings"
+    # questions (the miniature recipe's) with the reports' vocabulary, which the recipe uses.
+    reports_vocab = set(S.vocabulary(reports=True))
+    basic = tuple(f for f in S.OPEN_FAMILIES if f != "findings")
+    for task, families, words_of in (("vqa", basic, vocab), ("vqa", S.OPEN_FAMILIES, reports_vocab),
+                                     ("caption", S.OPEN_FAMILIES, reports_vocab)):
+        src = S.SyntheticMedVQA("train", 300, task=task, open_families=families)
         texts = [m["value"].replace("<image>", "") for i in range(300) for m in src[i]["conversations"]]
         words = {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)}
         assert words <= words_of, (task, words - words_of)
@@ -346,3 +349,16 @@ def test_text_task_gives_the_scan_in_words_and_no_image():
         assert r["meta"] == twin["meta"]
     with pytest.raises(ValueError, match="task must be one of"):
         S.SyntheticConfig(task="story")
+
+
+def test_findings_questions_state_a_sides_lesions_with_sizes():
+    def scene(*lesions):
+        return S.Scene("ct", "chest", tuple(S.Lesion(0.3 if s == "left" else 0.7, 0.5, 0.1, s, z)
+                                            for s, z in lesions))
+    left, right = (q for q in S.OPEN_QUESTIONS if q.family == "findings")
+    assert (left.text, right.text) == ("What is seen on the left side?", "What is seen on the right side?")
+    both = scene(("left", "large"), ("right", "small"), ("left", "small"))
+    assert left.answer(both) == "one small and one large lesion" and right.answer(both) == "one small lesion"
+    assert left.answer(scene(("right", "large"), ("right", "large"))) == "no lesions"
+    assert right.answer(scene(("right", "large"), ("right", "large"))) == "two large lesions"
+    assert set(left.answers) == set(S.SIDE_FINDINGS) and len(S.SIDE_FINDINGS) == 6
