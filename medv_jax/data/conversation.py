@@ -367,6 +367,19 @@ def format_caption(
     return sample if max_length is None else truncate_sample(sample, max_length)
 
 
+def format_caption_prompt(record: Mapping[str, Any], tokenizer: Any, *, num_image_tokens: int,
+                          image_fill_id: int | None = None) -> TokenizedSample:
+    """The inference prompt of a caption record: the image slots alone, the prefix of
+    `format_caption`'s row that a caption model continues (the caption itself is dropped)."""
+    if num_image_tokens <= 0:
+        raise ValueError(f"sample {sample_id_of(record)}: a caption prompt needs an image "
+                         f"(num_image_tokens {num_image_tokens})")
+    specials = tok_lib.special_token_ids(tokenizer)
+    b = _Builder()
+    b.image_slots(num_image_tokens, specials.pad if image_fill_id is None else image_fill_id)
+    return b.build(sample_id_of(record))
+
+
 def truncate_sample(sample: TokenizedSample, max_length: int) -> TokenizedSample:
     """Cuts the sequence to `max_length` positions from the end, never through the image.
 

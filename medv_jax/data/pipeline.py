@@ -184,9 +184,11 @@ def _load_image(record: Mapping[str, Any], config: BatchConfig) -> _Image:
 
 def _format_uncached(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig, num_image_tokens: int | None,
                      max_length: int | None, prompt: bool) -> conv.TokenizedSample:
-    if config.text_format == "caption" and not prompt:
+    if config.text_format == "caption":
         if num_image_tokens is None:
             raise ValueError(f"sample {conv.sample_id_of(record)}: a caption record needs an image")
+        if prompt:  # a caption model continues the image directly, with no chat template
+            return conv.format_caption_prompt(record, tokenizer, num_image_tokens=num_image_tokens)
         return conv.format_caption(record, tokenizer, num_image_tokens=num_image_tokens, max_length=max_length)
     if prompt:
         return conv.format_prompt(record, tokenizer, num_image_tokens=num_image_tokens,

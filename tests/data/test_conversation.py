@@ -190,6 +190,12 @@ def test_caption_format(tokenizer):
     assert conv.format_caption(rec, tokenizer, num_image_tokens=729).image_mask[:729].all()
     with pytest.raises(ValueError, match="cap-1"):
         conv.format_caption(dict(rec, conversations=rec["conversations"] * 2), tokenizer, num_image_tokens=4)
+    # the prompt a caption model continues: the image slots alone, a prefix of the training row
+    prompt = conv.format_caption_prompt(rec, tokenizer, num_image_tokens=4)
+    assert layout(tokenizer, prompt) == expect("IMGx4")
+    np.testing.assert_array_equal(prompt.input_ids, s.input_ids[:4])
+    with pytest.raises(ValueError, match="cap-1"):
+        conv.format_caption_prompt(rec, tokenizer, num_image_tokens=0)
 
 
 def test_truncation_keeps_image_whole(tokenizer):

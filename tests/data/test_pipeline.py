@@ -230,6 +230,9 @@ def test_caption_format_and_system_prompt(tok, ids):
     n = len(tok_lib.encode(tok, cap + "\n"))
     assert tok.decode(b["labels"][0, 64:64 + n]) == cap + "\n"
     assert (b["labels"][0, 64 + n:] == ids.eos).all()
+    # its inference prompt: the image alone (no chat template), as the model was trained to continue
+    row = P.encode_prompt(src[0], tok, cfg(text_format="caption"))
+    assert row["key_mask"].sum() == 64 and row["key_mask"][-64:].all()
     # the medical system prompt (default) makes conversations longer; byte-level with this vocabulary
     long_cfg = cfg(system_prompt=conv.MEDICAL_SYSTEM_PROMPT)
     with pytest.raises(P.SampleTooLongError):
