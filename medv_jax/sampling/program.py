@@ -360,12 +360,11 @@ def commit(
     committed_blk: Array,
     conf: Array,
     eligible: Array,
-    **carried: Any,
 ) -> SamplerState:
     """Write the selected positions of the block (tokens, canvas embeddings, commit step and
     confidence), move each row's stop to its earliest committed end-of-turn, and advance the
-    block once no row can commit in it any more. ``carried``: the remaining fields of the next
-    state (block_masked, refreshed, cache, draft, stable), passed through."""
+    block once no row can commit in it any more. The fields the step's other parts own
+    (block_masked, refreshed, cache, draft, stable) are left as in ``st``."""
     t, i = st.step, st.block_step
     plan, block_len, prompt_len = ctx.plan, ctx.block_len, ctx.prompt_len
     gen_len, eot_id = plan.gen_length, ctx.lm_config.eot_token_id
@@ -414,7 +413,11 @@ def commit(
         stop=stop,
         done=done,
         steps_run=st.steps_run + active.astype(jnp.int32),
-        **carried,
+        block_masked=st.block_masked,
+        refreshed=st.refreshed,
+        cache=st.cache,
+        draft=st.draft,
+        stable=st.stable,
     )
 
 
@@ -443,9 +446,8 @@ def diffusion_step(ctx: StepContext, st: SamplerState) -> SamplerState:
         select, tokens_blk, draft, stable = adaptive_halt(
             ctx, st, logits, x0, committed_blk, before_stop, eligible, select, tokens_blk
         )
-    return commit(
-        ctx, st, g0, select, tokens_blk, committed_blk, conf, eligible,
-        block_masked=block_masked, refreshed=refreshed, cache=cache, draft=draft, stable=stable,
+    return commit(ctx, st, g0, select, tokens_blk, committed_blk, conf, eligible).replace(
+        block_masked=block_masked, refreshed=refreshed, cache=cache, draft=draft, stable=stable
     )
 
 
