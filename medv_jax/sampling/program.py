@@ -91,10 +91,10 @@ class SamplerState:
     stable: Any  # [B] int32, consecutive steps the draft was unchanged (adaptive stop), or None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: compared and hashed by identity
 class StepContext:
-    """What every step reads and never changes. The arrays are computed once before the loop
-    (they enter the loop body as constants, not as carry)."""
+    """What every step reads and never changes. The arrays are computed once before the loop;
+    the loop body captures them rather than carrying them."""
 
     model: LLaDA
     variables: Any  # {"params": the language model's parameters}
