@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -24,22 +25,83 @@ from typing import Any, NamedTuple
 Size = tuple[int, int]  # (width, height) in pixels, as PIL's Image.size
 
 
-def parse_grid_pinpoints(value: str | Sequence[Sequence[int]], crop_size: int = 384) -> tuple[Size, ...]:
-    """Candidate grid resolutions as (width, height) pixel pairs.
+_PINPOINTS_ACCEPTED = (
+    '(width, height) pixel pairs as a list or a Python-literal string such as "[(384, 768), (768, 384)]", '
+    'or a range of crop grids such as "(1x1),...,(6x6)"'
+)
+# "(AxB)" items separated by commas, "..." allowed between them: LLaVA reads only the first and
+# the last pair, the rest is decoration.
+_RANGE_FORM = re.compile(r"\s*\(\s*\d+\s*x\s*\d+\s*\)(\s*,\s*(\.\.\.|\(\s*\d+\s*x\s*\d+\s*\)))*\s*")
+_RANGE_PAIR = re.compile(r"\(\s*(\d+)\s*x\s*(\d+)\s*\)")
 
-    Accepts the range form "(1x1),...,(6x6)" (first and last pair give the ranges, counted in
-    crops), a Python-literal string "[[384, 768], ...]", or a list of pixel pairs (as a saved
-    config.json may hold them).
+
+def parse_grid_pinpoints(value: str | Sequence[Sequence[int]], crop_size: int = 384) -> tuple[Size, ...]:
+    """Candidate grid resolutions as (width, height) pixel pairs, from LLaVA's
+    ``image_grid_pinpoints`` in any of the forms LLaVA reads (llava/mm_utils.py):
+
+    * a list of pixel pairs, as a saved config.json holds them: ``[[384, 768], [768, 384]]``;
+    * the same as a Python-literal string (LLaVA uses ``ast.literal_eval``):
+      ``"[(384, 768), (768, 384)]"`` or ``"[[384, 768], [768, 384]]"``;
+    * a range of grids counted in crops: ``"(1x1),...,(3x3)"`` is every (i, j) for i in 1..3
+      (outer), j in 1..3 (inner), each times ``crop_size``: (384, 384), (384, 768), ...
+
+    Anything else raises ValueError naming the value and the accepted forms.
     """
-    if isinstance(value, str) and "x" in value:
-        pairs = re.findall(r"\((\d+)x(\d+)\)", value)
-        if not pairs:
-            raise ValueError(f"cannot parse grid pinpoints {value!r}")
-        (a0, b0), (a1, b1) = map(int, pairs[0]), map(int, pairs[-1])
-        return tuple((i * crop_size, j * crop_size) for i in range(a0, a1 + 1) for j in range(b0, b1 + 1))
+    def bad(why: str = "") -> ValueError:
+        return ValueError(f"image_grid_pinpoints={value!r}{': ' + why if why else ''}; expected {_PINPOINTS_ACCEPTED}")
+
+    pairs: Any = value
     if isinstance(value, str):
-        value = ast.literal_eval(value)
-    return tuple((int(w), int(h)) for w, h in value)
+        if "x" in value:  # LLaVA's test for the range form
+            if not _RANGE_FORM.fullmatch(value):
+                raise bad()
+            matches = _RANGE_PAIR.findall(value)
+            (a0, b0), (a1, b1) = map(int, matches[0]), map(int, matches[-1])
+            if min(a0, b0) < 1 or a1 < a0 or b1 < b0:
+                raise bad("the range must run from a grid of at least 1x1 up to a grid at least as large")
+            return tuple((i * crop_size, j * crop_size) for i in range(a0, a1 + 1) for j in range(b0, b1 + 1))
+        try:
+            pairs = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise bad() from None
+    items = _items(pairs)
+    if not items:
+        raise bad()
+    out = []
+    for pair in items:
+        numbers_ = _items(pair)
+        if numbers_ is None or len(numbers_) != 2 or not all(_is_positive_int(n) for n in numbers_):
+            raise bad(f"{pair!r} is not a pair of positive integers")
+        out.append((int(numbers_[0]), int(numbers_[1])))
+    return tuple(out)
+
+
+def _items(value: Any) -> list | None:
+    """The elements of a list, tuple or array; None for a scalar, a string or a mapping."""
+    if isinstance(value, (str, bytes, Mapping)):
+        return None
+    try:
+        return list(value)
+    except TypeError:
+        return None
+
+
+def _is_positive_int(n: Any) -> bool:
+    # numpy integers count (a config built in Python may hold them); bools and floats do not.
+    return not isinstance(n, bool) and isinstance(n, numbers.Integral) and n > 0
+
+
+def parse_anyres_max(aspect_ratio: Any) -> int | None:
+    """N of an ``image_aspect_ratio`` "anyres_max_N" (any positive integer N: the shrink budget
+    in crops' worth of tokens); None for any mode not starting with "anyres_max"."""
+    if not isinstance(aspect_ratio, str) or not aspect_ratio.startswith("anyres_max"):
+        return None
+    m = re.fullmatch(r"anyres_max_(\d+)", aspect_ratio)
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(
+            f"image_aspect_ratio={aspect_ratio!r}: expected anyres_max_N with N a positive integer"
+        )
+    return int(m.group(1))
 
 
 DEFAULT_GRID_PINPOINTS: tuple[Size, ...] = parse_grid_pinpoints("(1x1),...,(6x6)")
@@ -79,8 +141,7 @@ class ImageConfig:
     @property
     def max_num_patches(self) -> int | None:
         """N of "anyres_max_N" (the shrink budget in crops' worth of tokens), else None."""
-        m = re.fullmatch(r"anyres_max_(\d+)", self.aspect_ratio)
-        return int(m.group(1)) if m else None
+        return parse_anyres_max(self.aspect_ratio)
 
     @property
     def tokens_per_crop(self) -> int:

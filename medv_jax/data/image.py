@@ -111,7 +111,7 @@ def preprocess_image(
     """Loads `source` (path incl. .dcm, PIL image or uint8 array) and preprocesses it.
 
     `mode` is an ImageConfig (normally `ImageConfig.from_model_config(checkpoint_config)`) or a
-    preset name: "square", "pad" (729 tokens each) or "anyres_max_4" (spatial_unpad).
+    preset name: "square", "pad" (729 tokens each) or "anyres_max_N" (spatial_unpad; LLaDA-V uses N = 4).
     Returns pixels float32 [n_crops, 384, 384, 3] and the layout (index int32 [T, 4],
     weight float32 [T, 4], newline bool [T]); T is the `<image>` placeholder's token count.
     """

@@ -26,17 +26,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medv_jax.data import anyres
 from medv_jax.models import layers, llada, siglip
 from medv_jax.models.layers import Array
 from medv_jax.models.projector import Projector
 
-IMAGE_FIT_MODES = ("square", "pad", "anyres_max_4")
+# Besides these, "anyres_max_N" for any positive N (anyres.parse_anyres_max).
+IMAGE_FIT_MODES = ("square", "pad")
 
 # LLaVA-OneVision's grid pinpoints for anyres_max_*: every (rows, cols) grid of 384-pixel crops
 # from 1x1 to 6x6, written as (width, height) pixels.
-DEFAULT_GRID_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
-    (384 * w, 384 * h) for w in range(1, 7) for h in range(1, 7)
-)
+DEFAULT_GRID_PINPOINTS: tuple[tuple[int, int], ...] = anyres.DEFAULT_GRID_PINPOINTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,12 @@ class MedVConfig:
     projector_param_dtype: str | None = None
 
     def __post_init__(self):
-        layers.check_choice(self.image_aspect_ratio, IMAGE_FIT_MODES, "image_aspect_ratio")
+        mode = self.image_aspect_ratio
+        if mode not in IMAGE_FIT_MODES and anyres.parse_anyres_max(mode) is None:
+            raise ValueError(
+                f"image_aspect_ratio={mode!r} is not one of "
+                f"{list(IMAGE_FIT_MODES)} nor anyres_max_N (N a positive integer)"
+            )
 
     @property
     def use_image_newline(self) -> bool:

@@ -29,6 +29,7 @@ from medv_jax.models.llada import LLaDAConfig
 from medv_jax.models.medv import MedV, MedVConfig
 from medv_jax.sampling import diffusion
 from medv_jax.sampling.diffusion import LogitsProcessor, SampleOutput, SamplerConfig
+from medv_jax.sampling.program import run_sampler
 from medv_jax.user_errors import UserError
 
 SYSTEM_PROMPTS = {
@@ -247,7 +248,7 @@ def _medv_program(
         image_newline_mask,
         method=MedV.embed_inputs,
     )
-    return diffusion._run(
+    return run_sampler(
         config.lm,
         plan,
         params["lm"],

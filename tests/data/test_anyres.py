@@ -93,6 +93,72 @@ def test_pinpoints_parsing():
         ImageConfig(merge_type="maxpool2x2")
 
 
+
+# One parser for every form LLaVA reads (ast.literal_eval strings, the "(AxB),...,(CxD)" range, lists).
+@pytest.mark.parametrize("value, crop, expected", [
+    # range: first pair (1, 1) to last pair (2, 3); i outer, j inner; each times the crop size
+    ("(1x1),...,(2x3)", 384, ((384, 384), (384, 768), (384, 1152), (768, 384), (768, 768), (768, 1152))),
+    ("(2x1),...,(3x2)", 10, ((20, 10), (20, 20), (30, 10), (30, 20))),
+    ("(1x1), ..., (2x2)", 5, ((5, 5), (5, 10), (10, 5), (10, 10))),  # spaces as LLaVA's findall allows
+    ("(2x2)", 100, ((200, 200),)),  # a one-grid range
+    ("(1x1),(2x2),(1x2)", 1, ((1, 1), (1, 2))),  # only the first and last pair count, as in LLaVA
+    # Python-literal strings, pixels as written (the crop size does not apply)
+    ("[(384, 768), (768, 384)]", 384, ((384, 768), (768, 384))),
+    ("[[384, 768], [768, 384]]", 10, ((384, 768), (768, 384))),
+    ("((384, 384),)", 384, ((384, 384),)),
+    (" [[1, 2]] ", 384, ((1, 2),)),
+    # lists of pairs, as a saved config.json or Python code holds them
+    ([[384, 768], [768, 384]], 384, ((384, 768), (768, 384))),
+    ([(384, 384)], 384, ((384, 384),)),
+    (((3, 4), (5, 6)), 384, ((3, 4), (5, 6))),
+    (np.array([[3, 4], [5, 6]]), 384, ((3, 4), (5, 6))),
+])
+def test_grid_pinpoints_every_form(value, crop, expected):
+    got = anyres.parse_grid_pinpoints(value, crop)
+    assert got == expected and all(type(n) is int for pair in got for n in pair)
+
+
+@pytest.mark.parametrize("value", [
+    "", "[]", [], "not pinpoints", "[(384, 768)", "[(384, 768, 1)]", "[(384, 0)]", "[(-384, 384)]",
+    "[(384.0, 768)]", [[True, 384]], [384, 768], "{'a': 1}", {"a": 1}, None, 384,
+    "(0x1),...,(2x2)", "(3x3),...,(1x1)", "(2x1),...,(3x0)", "(1x1)...(3x3)", "1x1,...,3x3",
+    "(1x1),...,(axb)", "(1x1),foo,(2x2)",
+])
+def test_grid_pinpoints_bad_input(value):
+    with pytest.raises(ValueError) as err:
+        anyres.parse_grid_pinpoints(value)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"image_grid_pinpoints={value!r}")
+    assert '"(1x1),...,(6x6)"' in message and '"[(384, 768), (768, 384)]"' in message
+
+
+def test_anyres_max_any_positive_n():
+    assert anyres.parse_anyres_max("anyres_max_9") == 9 and anyres.parse_anyres_max("anyres_max_1") == 1
+    assert anyres.parse_anyres_max("square") is None and anyres.parse_anyres_max("anyres") is None
+    cfg = ImageConfig.from_model_config(
+        {"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "spatial_unpad",
+         "image_grid_pinpoints": "[(768, 768), (2304, 2304)]"}
+    )
+    assert cfg.max_num_patches == 9 and cfg.grid_pinpoints == ((768, 768), (2304, 2304))
+    # A 2304 x 2304 image picks the 6 x 6 grid: a 162 x 162 map, no letterbox. The shrink factor is
+    # sqrt(162^2 / (N * 27^2)): 2 for N = 9 (-> 81 x 81), 3 for N = 4 (-> 54 x 54); each map row
+    # ends with an image_newline, after the base view's 729 tokens.
+    assert L.num_image_tokens((2304, 2304), cfg) == 729 + 81 * 82
+    assert L.num_image_tokens((2304, 2304), ImageConfig.for_mode("anyres_max_4")) == 729 + 54 * 55
+    for bad in ("anyres_max_0", "anyres_max_", "anyres_max", "anyres_max_-1", "anyres_max_4x", "anyres_max_ 4"):
+        with pytest.raises(ValueError, match=f"image_aspect_ratio={bad!r}: expected anyres_max_N"):
+            ImageConfig(aspect_ratio=bad, merge_type="spatial_unpad")
+
+
+def test_model_config_takes_anyres_max_any_positive_n():
+    from medv_jax.models.medv import MedVConfig
+
+    assert MedVConfig(image_aspect_ratio="anyres_max_9").image_aspect_ratio == "anyres_max_9"
+    assert MedVConfig(image_aspect_ratio="pad").image_aspect_ratio == "pad"
+    for bad in ("anyres_max_0", "highres"):
+        with pytest.raises(ValueError, match=f"image_aspect_ratio={bad!r}"):
+            MedVConfig(image_aspect_ratio=bad)
+
 @pytest.mark.parametrize("size", SIZES + RANDOM_SIZES)
 def test_grid_choice_matches_reference(size):
     cols, rows = ref_grid(size)

@@ -105,6 +105,31 @@ def test_multimodal_round_trip_is_bit_exact(tmp_path):
         np.testing.assert_array_equal(value, original[name], err_msg=name)
 
 
+
+def test_grid_pinpoints_string_forms_convert(tmp_path):
+    """config.json may hold image_grid_pinpoints as a Python-literal string (LLaVA reads it with
+    ast.literal_eval) and any anyres_max_N; a bad value fails naming it."""
+    ref = hf.TorchMedV(seed=7, image_aspect_ratio="anyres_max_4", mm_patch_merge_type="spatial_unpad")
+    ref.save(tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(image_grid_pinpoints="[(384, 768), (768, 384)]", image_aspect_ratio="anyres_max_9")
+    cfg_path.write_text(json.dumps(cfg))
+    import_checkpoint(tmp_path / "hf", tmp_path / "jax")
+    config, _ = checkpoint.load_pretrained(tmp_path / "jax")
+    assert config.image_grid_pinpoints == ((384, 768), (768, 384))
+    assert config.image_aspect_ratio == "anyres_max_9"
+
+    crop = config.vision.image_size
+    cfg.update(image_grid_pinpoints="(1x1),...,(1x2)")
+    cfg_path.write_text(json.dumps(cfg))
+    config, _ = convert_params(tmp_path / "hf")
+    assert config.image_grid_pinpoints == ((crop, crop), (crop, 2 * crop))
+
+    cfg.update(image_grid_pinpoints="[(384, 768)")
+    cfg_path.write_text(json.dumps(cfg))
+    _assert_fails(tmp_path / "hf", tmp_path / "jax_bad", "image_grid_pinpoints='[(384, 768)'", "(1x1),...,(6x6)")
+
 def test_bfloat16_conversion_and_cli(llama_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tools.convert_weights", "--src", str(llama_dir), "--dst",

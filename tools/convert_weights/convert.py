@@ -24,6 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm import tqdm
 
 from medv_jax import checkpoint
+from medv_jax.data import anyres
 from medv_jax.models import llada, medv, siglip
 from tools.convert_weights import rules as R
 from tools.convert_weights.hf_io import ConversionError, SafetensorsFolder, read_config, write_safetensors
@@ -114,20 +115,12 @@ def vision_config_from_hf(cfg: dict, variant: str, param_dtype: str) -> siglip.S
     )
 
 
-def parse_grid_pinpoints(value: Any, crop_size: int) -> tuple[tuple[int, int], ...]:
-    """LLaVA's ``image_grid_pinpoints``: a list of [width, height] pixels, or a range string such
-    as "(1x1),...,(6x6)" meaning every grid from 1x1 to 6x6 crops of ``crop_size`` pixels."""
+def grid_pinpoints_from_hf(value: Any, crop_size: int) -> tuple[tuple[int, int], ...]:
+    """LLaVA's ``image_grid_pinpoints`` (every form LLaVA reads: ``anyres.parse_grid_pinpoints``);
+    absent: LLaVA-OneVision's default grids."""
     if value is None:
         return medv.DEFAULT_GRID_PINPOINTS
-    if isinstance(value, str):
-        pairs = re.findall(r"\((\d+)x(\d+)\)", value)
-        if not pairs:
-            raise ConversionError(f"cannot parse image_grid_pinpoints={value!r}")
-        (w0, h0), (w1, h1) = map(int, pairs[0]), map(int, pairs[-1])
-        return tuple(
-            (w * crop_size, h * crop_size) for w in range(w0, w1 + 1) for h in range(h0, h1 + 1)
-        )
-    return tuple((int(w), int(h)) for w, h in value)
+    return anyres.parse_grid_pinpoints(value, crop_size)
 
 
 def medv_config_from_hf(cfg: dict, vision_cfg: dict | None, param_dtype: str) -> medv.MedVConfig:
@@ -149,7 +142,7 @@ def medv_config_from_hf(cfg: dict, vision_cfg: dict | None, param_dtype: str) ->
             vision=vision,
             image_aspect_ratio=cfg.get("image_aspect_ratio", "square"),
             mm_patch_merge_type=cfg.get("mm_patch_merge_type", "flat"),
-            image_grid_pinpoints=parse_grid_pinpoints(cfg.get("image_grid_pinpoints"), vision.image_size),
+            image_grid_pinpoints=grid_pinpoints_from_hf(cfg.get("image_grid_pinpoints"), vision.image_size),
         )
     except ValueError as e:
         raise ConversionError(f"config.json: {e}") from e
