@@ -51,7 +51,7 @@ SHAPES: dict[str, Shape] = {
     "tiny": Shape(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, mlp_hidden_size=96,
                   vision_image_size=56, vision_patch_size=14, vision_hidden_size=32, vision_layers=3,
                   vision_heads=4, vision_mlp=48, ids=_ids_below(96, 90)),
-    # CPU-sized wide model (issue 7): hidden 512, 8 layers, vocab 32k; a 384 px / 14 px tower gives
+    # CPU-sized wide model: hidden 512, 8 layers, vocab 32k; a 384 px / 14 px tower gives
     # 729 image tokens (4 layers kept of 5).
     "cpu_wide": Shape(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, head_dim=64,
                       mlp_hidden_size=1408, vision_image_size=384, vision_patch_size=14,

@@ -23,7 +23,9 @@ Questions (one question-answer pair per record):
   drawn conditioned on it), so every question string is answered "yes" exactly half the time
   (over whole pairs) and the question alone predicts nothing.
 * open, with short answers drawn uniformly over their answer set first, the same way: modality,
-  region, lesion side ("left"/"right"/"both"), lesion count ("none".."three").
+  region, lesion side ("left"/"right"/"both"), lesion count ("none".."three"), and a side's
+  findings with sizes ("What is seen on the left side?" -> "one small and one large lesion"; its
+  words are the reports', so the demo tokenizer leaves it out).
 * captions for stage 1 ("MRI scan of the chest with one large lesion on the left side.").
 
 Records are LLaVA records::
