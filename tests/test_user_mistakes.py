@@ -184,6 +184,7 @@ MISTAKES = [
     ("train: no such config file", "train", "--config=configs/nope.py --workdir={root}/run", ["--config", "configs/nope.py"]),
     ("train: no config", "train", "--workdir={root}/run", ["--config is not set"]),
     ("train: a number that is not one", "train", f"{TRAIN} --config.train.num_steps=abc", ["--config.train.num_steps", "abc"]),
+    ("train: mask time floor out of range", "train", f"{TRAIN} --config.train.mask_time_floor=1.0", ["config.train.mask_time_floor", "[0, 1)"]),
     ("train: unknown preset", "train", f"{TRAIN} --config.model.lm_preset=llada_tiniest", ["config.model.lm_preset", "llada_tiny"]),
     # serve
     ("serve: Hugging Face folder as checkpoint", "serve", "--checkpoint {hf} --tokenizer {hf}", ["Hugging Face", "convert"]),

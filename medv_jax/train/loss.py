@@ -41,12 +41,18 @@ def draw_times(rng: Array, batch: int, kind: str = "uniform") -> Array:
 
 
 def draw_masks(rng: Array, answer_mask: Array, eps: float = MASK_EPS,
-               times: str = "uniform") -> tuple[Array, Array]:
+               times: str = "uniform", time_floor: float = 0.0) -> tuple[Array, Array]:
     """(masked [B, T] bool, p [B]) for one batch: one t per sequence (drawn as `draw_times` says),
-    masks only answer positions."""
+    masks only answer positions. `time_floor` > 0 draws t from [floor, 1) instead of [0, 1): every
+    row is masked at least that much, so a masked token is predicted from little of its answer (a
+    departure from the reference's objective, for answers whose parts give each other away)."""
+    if not 0.0 <= time_floor < 1.0:
+        raise ValueError(f"mask time floor must be in [0, 1), got {time_floor}")
     rng_t, rng_m = jax.random.split(rng)
     batch = answer_mask.shape[0]
     t = draw_times(rng_t, batch, times)
+    if time_floor:  # (0 leaves the draw bit-identical to the reference's)
+        t = time_floor + (1.0 - time_floor) * t
     p = (1.0 - eps) * t + eps
     masked = (jax.random.uniform(rng_m, answer_mask.shape) < p[:, None]) & answer_mask
     return masked, p

@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     # How each row's masking time t is drawn: "uniform" (independent, as the reference) or
     # "stratified" (evenly spread over the batch, same expectation, lower variance; loss.draw_times).
     c.train.mask_times = "uniform"
+    # > 0: each row's t drawn from [floor, 1), every answer masked at least that much (0: the
+    # reference's U(0, 1); loss.draw_masks).
+    c.train.mask_time_floor = 0.0
     c.train.log_every = 1
     c.train.eval_every = 500
     c.train.checkpoint_every = 500

@@ -98,6 +98,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("init_from", "init_lm_from", "init_vision_from"):
         if config.get(field):
             checkpoint.check_converted(config.get(field), f"config.{field}")
+    floor = config.train.get("mask_time_floor", 0.0)
+    if not 0.0 <= floor < 1.0:
+        raise UserError(f"config.train.mask_time_floor={floor}: must be in [0, 1) (0 = the reference's "
+                        "masking times)")
     for field, presets in (("lm_preset", llada.LLADA_PRESETS), ("vision_preset", siglip.SIGLIP_PRESETS)):
         name = config.model.get(field)
         if name not in presets:
@@ -434,7 +438,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         first = next(it)
         example = {k: v for k, v in first.items() if k != "example_id"}
         train_step = step_lib.jit_train_step(step_lib.make_train_step(
-            model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"))),
+            model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"),
+                                             t.get("mask_time_floor", 0.0))),
             shardings, mesh, example, rules)
         eval_loss = make_eval_loss(model, mesh, shardings, example, rules)
         eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []

@@ -90,6 +90,23 @@ def test_stratified_times_cover_the_range_and_stay_uniform():
         loss_lib.draw_times(jax.random.key(0), batch, "sobol")
 
 
+def test_mask_time_floor_masks_every_row_at_least_that_much():
+    answer = jnp.ones((64, 40), bool)
+    base_masked, base_p = loss_lib.draw_masks(jax.random.key(7), answer)
+    zero_masked, zero_p = loss_lib.draw_masks(jax.random.key(7), answer, time_floor=0.0)
+    np.testing.assert_array_equal(base_masked, zero_masked)  # floor 0 is the reference's draw
+    np.testing.assert_array_equal(base_p, zero_p)
+    masked, p = loss_lib.draw_masks(jax.random.key(7), answer, time_floor=0.6)
+    # the same u, mapped onto [0.6, 1): t = 0.6 + 0.4 u, p = (1 - eps) t + eps
+    t0 = (np.asarray(base_p) - loss_lib.MASK_EPS) / (1 - loss_lib.MASK_EPS)
+    want = (1 - loss_lib.MASK_EPS) * (0.6 + 0.4 * t0) + loss_lib.MASK_EPS
+    np.testing.assert_allclose(np.asarray(p), want, rtol=1e-5)
+    assert np.asarray(p).min() >= 0.6 and np.asarray(masked).mean(axis=1).min() > 0.4
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="floor"):
+            loss_lib.draw_masks(jax.random.key(7), answer, time_floor=bad)
+
+
 def test_chunked_ce_matches_unchunked_with_gradients():
     h = jax.random.normal(jax.random.key(0), (2, 10, 8))
     w = jax.random.normal(jax.random.key(1), (8, 33))
