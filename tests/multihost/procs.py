@@ -97,3 +97,28 @@ class Group:
                 except ProcessLookupError:
                     pass
                 p.wait()
+
+
+def write_question_set(root, n_questions: int, text, extra=lambda i: {}, name: str = "questions.jsonl") -> dict:
+    """A tiny random MedV checkpoint, three images of different sizes and `n_questions` questions
+    (`text(i)`, plus the fields `extra(i)`) under `root`: what the multi-process inference and
+    evaluation tests answer."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.tiny_medv import write_tiny_medv
+
+    _, tok_dir, ckpt = write_tiny_medv(root, eot_scale=3.0)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40 + 10 * i, 50, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    questions = root / name
+    questions.write_text("".join(
+        json.dumps({"question_id": f"q{i}", "image": f"{i % 3}.png", "text": text(i), **extra(i)}) + "\n"
+        for i in range(n_questions)))
+    return dict(root=root, tokenizer=str(tok_dir), checkpoint=str(ckpt), images=str(images),
+                questions=str(questions))

@@ -7,12 +7,9 @@ import signal
 import sys
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.multihost.procs import single_env
-from tests.tiny_medv import write_tiny_medv
+from tests.multihost.procs import single_env, write_question_set
 
 N_QUESTIONS = 14
 TIMEOUT = 300
@@ -20,19 +17,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("infer")
-    _, tok_dir, ckpt = write_tiny_medv(root, eot_scale=3.0)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (40 + 10 * i, 50, 3), dtype=np.uint8)).save(images / f"{i}.png")
-    questions = root / "questions.jsonl"
-    questions.write_text("".join(
-        json.dumps({"question_id": f"q{i}", "image": f"{i % 3}.png", "text": f"Question {i}: what is seen?"}) + "\n"
-        for i in range(N_QUESTIONS)))
-    return dict(root=root, tokenizer=str(tok_dir), checkpoint=str(ckpt), images=str(images),
-                questions=str(questions))
+    return write_question_set(tmp_path_factory.mktemp("infer"), N_QUESTIONS, lambda i: f"Question {i}: what is seen?")
 
 
 def _cmd(setup, answers):
