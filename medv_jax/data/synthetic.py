@@ -353,12 +353,10 @@ _ANATOMY = {
     "chest": "Both lungs and the heart are visible.",
     "abdomen": "The liver and both kidneys are visible.",
 }
-# Each side's findings are stated once, in a sentence that does not agree in number with them
-# ("The left side shows two small lesions.", "Right side: no lesions."), and nothing else in the
-# report restates a lesion fact: no count sentence, no normal/abnormal impression. A finding then
-# cannot be filled in from the report's other words and has to be read off the scan (reports that
-# restated the findings trained models to write a likely report instead; docs/mini_recipe.md).
-_SIDE_FORMS = ("The {side} side shows {what}.", "{Side} side: {what}.")
+_NO_LESION_FORMS = ("No lesions are seen.", "There are no lesions.", "No lesion is visible.")
+_COUNT_FORMS = ("There {be} {n} {noun}.", "{N} {noun} {be} seen.")
+_SIDE_FORMS = ("On the {side} side there {be} {what}.", "The {side} side shows {what}.")
+_IMPRESSION = {True: "Impression: normal {r}.", False: "Impression: abnormal {r}."}
 REPORT_FIELDS = ("modality", "region", "count", "left", "right")
 
 
@@ -375,57 +373,67 @@ def _sizes_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
 
 
 def report(scene: Scene, rng: np.random.Generator) -> str:
-    """A findings report of `scene` (26-38 tokens with the demo tokenizer): the study (modality,
-    region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
-    every lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
+    """A findings report of `scene` (about 24-64 tokens with the demo tokenizer): the study
+    (modality, region), the anatomy seen, the lesion count and each side's lesions with their
+    sizes, and an impression. The wording varies with `rng`; `parse_report` reads it back."""
     pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
     out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
                                      r=scene.region),
            _ANATOMY[scene.region]]
-    for side in SIDES:
-        out.append(pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
+    n = scene.count
+    if n == 0:
+        out.append(pick(_NO_LESION_FORMS))
+    else:
+        noun, be = ("lesion", "is") if n == 1 else ("lesions", "are")
+        form = pick(_COUNT_FORMS)
+        out.append(form.format(be=be, n=COUNT_WORDS[n], N=COUNT_WORDS[n].capitalize(), noun=noun))
+        for side in SIDES:
+            sizes = [l.size for l in scene.lesions if l.side == side]
+            if sizes:
+                what, plural = _sizes_phrase(sizes)
+                out.append(pick(_SIDE_FORMS).format(side=side, be="are" if plural else "is", what=what))
+    out.append(_IMPRESSION[n == 0].format(r=scene.region))
     return " ".join(out)
 
 
 _WORD_NUMBERS = {w: i for i, w in enumerate(COUNT_WORDS)}
-_SIDE_SENTENCE = re.compile(r"(?:the (left|right) side shows|(left|right) side:) (.*)")
+_SIDE_SENTENCE = re.compile(r"(?:on the (left|right) side there (?:is|are) (.*)|the (left|right) side shows (.*))")
+_COUNT_SENTENCE = re.compile(r"there (?:is|are) (one|two|three) lesions?|(one|two|three) lesions? (?:is|are) seen")
 _SIZED = re.compile(r"\b(one|two|three) (small|large)\b")
 
 
-def _side_finding(what: str) -> tuple[int, tuple[str, ...]] | None:
-    """(count, sorted sizes) of a side's finding in the reports' words; None if it is not one."""
-    if what == "no lesions":
-        return 0, ()
-    if what not in SIDE_FINDINGS:
-        return None
-    sizes = [(z, _WORD_NUMBERS[w]) for w, z in _SIZED.findall(what)]
-    return sum(k for _, k in sizes), tuple(sorted(z for z, k in sizes for _ in range(k)))
-
-
 def parse_report(text: str) -> dict[str, Any]:
-    """The attributes a report states: modality and region (the first stated; None when absent),
-    left / right ((count, sorted sizes) of that side's lesions; None when the side is not stated, is
-    stated in words that are not a finding, or is stated twice with different findings), and count
-    (the two sides' counts added; None unless both sides are known). Reads the forms `report`
-    writes, in any case; anything else is ignored, so a garbled report scores as missing fields."""
+    """The attributes a report states: modality, region (None when absent), count (None when no
+    count is stated), left / right ((count, sorted sizes) of that side's lesions; (0, ()) when the
+    side is not mentioned but other lesion findings are, None when no lesion finding is stated at
+    all). Reads the forms `report` writes, in any case; anything else is ignored, so a garbled
+    report scores as missing fields."""
     low = text.lower()
     sentences = [x.strip() for x in re.split(r"[.!?]", low) if x.strip()]
-    modality = region = None
-    stated: dict[str, list] = {side: [] for side in SIDES}
+    modality = region = count = None
+    sides: dict[str, tuple[int, tuple[str, ...]]] = {"left": (0, ()), "right": (0, ())}
     for sent in sentences:
         if modality is None:
             found = re.search(r"\b(ct|mri|x-ray)\b", sent)
             modality = found.group(1) if found else None
-        if region is None:
+        if region is None and not sent.startswith("impression"):
             found = re.search(r"\b(brain|chest|abdomen)\b", sent)
             region = found.group(1) if found else None
         side = _SIDE_SENTENCE.fullmatch(sent)
         if side:
-            stated[side.group(1) or side.group(2)].append(_side_finding(side.group(3)))
-    # A side stated twice in contradiction is not known (a report that says both is wrong).
-    sides = {name: (found[0] if found and all(f == found[0] for f in found) else None)
-             for name, found in stated.items()}
-    count = None if None in sides.values() else sum(k for k, _ in sides.values())
+            name, what = (side.group(1), side.group(2)) if side.group(1) else (side.group(3), side.group(4))
+            sizes = [(z, _WORD_NUMBERS[w]) for w, z in _SIZED.findall(what)]
+            sides[name] = (sum(k for _, k in sizes), tuple(sorted(z for z, k in sizes for _ in range(k))))
+            continue
+        if count is None:
+            if re.fullmatch(r"no lesions are seen|there are no lesions|no lesion is visible", sent):
+                count = 0
+            else:
+                found = _COUNT_SENTENCE.fullmatch(sent)
+                if found:
+                    count = _WORD_NUMBERS[found.group(1) or found.group(2)]
+    if count is None and sides == {"left": (0, ()), "right": (0, ())}:
+        sides = {"left": None, "right": None}  # no lesion finding stated at all: unknown, not "none"
     return {"modality": modality, "region": region, "count": count, **sides}
 
 
@@ -647,10 +655,8 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
     """
     texts: list[str] = ["Describe the image briefly.", "yes no"]
     if reports:
-        texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_SIDE_FORMS)
-        # Words of an earlier report wording, kept so that the reports tokenizer's ids stay those
-        # the miniature recipe's results were measured with (ids change what a tiny model learns).
-        texts += ["impression abnormal"]
+        texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_NO_LESION_FORMS)
+        texts += list(_COUNT_FORMS) + list(_SIDE_FORMS) + list(_IMPRESSION.values())
         texts += ["is are lesion lesions and a an", " ".join(REGIONS)]
     # The "findings" questions bring words of the reports ("seen", "and"): they join with those,
     # so that the demo tokenizer's ids stay as they are (see the caption words below).
