@@ -18,7 +18,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # Test tiers. `python -m pytest -q -m "not slow"` is the edit-test loop (about 3 minutes on 2 cores;
-# each sampler and model parity check keeps at least one case in it);
+# the sampler, model and converter parity checks keep cases in it, adapters and quantization do not);
 # the plain command (README, CI) runs everything. Slow: tests that start processes, drive a
 # browser or a server, train to a learning threshold, compile 8B shapes, or run the sampler and
 # train step at length against references. Whole files by path, single tests by node id prefix.
