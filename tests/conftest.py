@@ -16,8 +16,18 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# A persistent compilation cache: a rerun of the suite (the edit-test loop) loads most XLA programs
+# instead of compiling them again. MEDV_JAX_TEST_CACHE names its folder; "off" disables it.
+_XLA_CACHE = os.environ.get(
+    "MEDV_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medv_jax", "test_xla_cache"))
+if _XLA_CACHE != "off":
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 2 * 1024**3)  # oldest entries go first
 
-# Test tiers. `python -m pytest -q -m "not slow"` is the edit-test loop (about 3 minutes on 2 cores;
+
+# Test tiers. `python -m pytest -q -m "not slow"` is the edit-test loop (1-3 minutes on 2 cores;
 # the sampler, model and converter parity checks keep cases in it, adapters and quantization do not);
 # the plain command (README, CI) runs everything. Slow: tests that start processes, drive a
 # browser or a server, train to a learning threshold, compile 8B shapes, or run the sampler and
