@@ -20,6 +20,6 @@ def get_config():
     c.data.max_length = 48
     c.data.prompt_length = 48
     c.train.global_batch = 32
-    c.train.num_steps = 2000
+    c.train.num_steps = 3500
     c.optim.param_groups = []  # everything trains (see above)
     return c

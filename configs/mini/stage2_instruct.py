@@ -17,9 +17,10 @@ def get_config():
     c.data.task = "report"
     c.data.turns = 2
     c.data.max_length = 120
+    c.data.answer_padding = "eot"
     c.data.prompt_length = 64
     c.train.global_batch = 32
-    c.train.num_steps = 1000
+    c.train.num_steps = 1500
     c.optim.param_groups = []  # every part (see above)
     c.eval.num_examples = 200
     c.eval.batch_size = 50

@@ -72,6 +72,15 @@ _BG, _BODY, _BONE, _AIR, _ORGAN, _LESION = range(6)
 _LESION_RADIUS = {"small": (0.065, 0.075), "large": (0.105, 0.12)}
 _LESION_X = {"left": (0.27, 0.40), "right": (0.60, 0.73)}
 _LESION_Y = (0.30, 0.70)
+# The "slots" layout: each side has an upper and a lower slot at the centre of one cell of a 4 x 4
+# grid (a 16 px patch at 64 px), and a lesion fills one slot. A lesion then lies in one patch of a
+# tower with 16 px patches, so its size is that patch's brightness and a side's count is the number
+# of bright patches; in the "free" layout lesions straddle patches and a tiny tower trained for
+# minutes confuses two small lesions with one large one (docs/mini_recipe.md).
+_SLOT_X = {"left": 0.375, "right": 0.625}
+_SLOT_Y = (0.375, 0.625)
+_SLOT_JITTER = 0.01
+LAYOUTS = ("free", "slots")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +141,11 @@ def _sample_outline(rng: np.random.Generator) -> Scene:
     return Scene(modality, region, lesions)
 
 
-def _place_lesions(scene: Scene, rng: np.random.Generator) -> Scene:
-    """Draws radius and a non-overlapping position for each lesion, in its side's half."""
+def _place_lesions(scene: Scene, rng: np.random.Generator, layout: str = "free") -> Scene:
+    """Draws radius and a non-overlapping position for each lesion, in its side's half ("free"), or
+    in a slot of its side ("slots": a side's one lesion takes the upper or the lower slot)."""
+    if layout == "slots":
+        return _place_in_slots(scene, rng)
     placed: list[Lesion] = []
     for l in scene.lesions:
         r = float(rng.uniform(*_LESION_RADIUS[l.size]))
@@ -146,19 +158,39 @@ def _place_lesions(scene: Scene, rng: np.random.Generator) -> Scene:
     return dataclasses.replace(scene, lesions=tuple(placed))
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
+def _place_in_slots(scene: Scene, rng: np.random.Generator) -> Scene:
+    placed: list[Lesion] = []
+    for side in SIDES:
+        mine = [l for l in scene.lesions if l.side == side]
+        slots = list(_SLOT_Y) if len(mine) == len(_SLOT_Y) else [_SLOT_Y[rng.integers(len(_SLOT_Y))]]
+        for l, y in zip(mine, slots):
+            r = float(rng.uniform(*_LESION_RADIUS[l.size]))
+            dx, dy = rng.uniform(-_SLOT_JITTER, _SLOT_JITTER, size=2)
+            placed.append(Lesion(_SLOT_X[side] + float(dx), y + float(dy), r, side, l.size))
+    return dataclasses.replace(scene, lesions=tuple(placed))
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"lesion layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def sample_scene(rng: np.random.Generator, layout: str = "free") -> Scene:
     """A scene from the prior: modality, region uniform; 0..3 lesions uniform, sides uniform with at
-    most 2 per side, sizes uniform, non-overlapping positions."""
-    return _place_lesions(_sample_outline(rng), rng)
+    most 2 per side, sizes uniform, non-overlapping positions (`layout`: see `_place_lesions`)."""
+    _check_layout(layout)
+    return _place_lesions(_sample_outline(rng), rng, layout)
 
 
-def sample_scene_where(rng: np.random.Generator, predicate, max_tries: int = 10_000) -> Scene:
+def sample_scene_where(rng: np.random.Generator, predicate, max_tries: int = 10_000,
+                       layout: str = "free") -> Scene:
     """Rejection sampling from the prior: the first scene with `predicate(scene)` true. The
     predicate sees modality, region and each lesion's side and size (positions come after)."""
+    _check_layout(layout)
     for _ in range(max_tries):
         scene = _sample_outline(rng)
         if predicate(scene):
-            return _place_lesions(scene, rng)
+            return _place_lesions(scene, rng, layout)
     raise RuntimeError("no scene satisfies the constraint")
 
 
@@ -353,10 +385,12 @@ _ANATOMY = {
     "chest": "Both lungs and the heart are visible.",
     "abdomen": "The liver and both kidneys are visible.",
 }
-_NO_LESION_FORMS = ("No lesions are seen.", "There are no lesions.", "No lesion is visible.")
-_COUNT_FORMS = ("There {be} {n} {noun}.", "{N} {noun} {be} seen.")
-_SIDE_FORMS = ("On the {side} side there {be} {what}.", "The {side} side shows {what}.")
-_IMPRESSION = {True: "Impression: normal {r}.", False: "Impression: abnormal {r}."}
+# Each side's findings are stated once, in a sentence that does not agree in number with them
+# ("The left side shows two small lesions.", "Right side: no lesions."), and nothing else in the
+# report restates a lesion fact: no count sentence, no normal/abnormal impression. A finding then
+# cannot be filled in from the report's other words and has to be read off the scan (reports that
+# restated the findings trained models to write a likely report instead; docs/mini_recipe.md).
+_SIDE_FORMS = ("The {side} side shows {what}.", "{Side} side: {what}.")
 REPORT_FIELDS = ("modality", "region", "count", "left", "right")
 
 
@@ -373,67 +407,57 @@ def _sizes_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
 
 
 def report(scene: Scene, rng: np.random.Generator) -> str:
-    """A findings report of `scene` (about 24-64 tokens with the demo tokenizer): the study
-    (modality, region), the anatomy seen, the lesion count and each side's lesions with their
-    sizes, and an impression. The wording varies with `rng`; `parse_report` reads it back."""
+    """A findings report of `scene` (26-38 tokens with the demo tokenizer): the study (modality,
+    region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
+    every lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
     pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
     out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
                                      r=scene.region),
            _ANATOMY[scene.region]]
-    n = scene.count
-    if n == 0:
-        out.append(pick(_NO_LESION_FORMS))
-    else:
-        noun, be = ("lesion", "is") if n == 1 else ("lesions", "are")
-        form = pick(_COUNT_FORMS)
-        out.append(form.format(be=be, n=COUNT_WORDS[n], N=COUNT_WORDS[n].capitalize(), noun=noun))
-        for side in SIDES:
-            sizes = [l.size for l in scene.lesions if l.side == side]
-            if sizes:
-                what, plural = _sizes_phrase(sizes)
-                out.append(pick(_SIDE_FORMS).format(side=side, be="are" if plural else "is", what=what))
-    out.append(_IMPRESSION[n == 0].format(r=scene.region))
+    for side in SIDES:
+        out.append(pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
     return " ".join(out)
 
 
 _WORD_NUMBERS = {w: i for i, w in enumerate(COUNT_WORDS)}
-_SIDE_SENTENCE = re.compile(r"(?:on the (left|right) side there (?:is|are) (.*)|the (left|right) side shows (.*))")
-_COUNT_SENTENCE = re.compile(r"there (?:is|are) (one|two|three) lesions?|(one|two|three) lesions? (?:is|are) seen")
+_SIDE_SENTENCE = re.compile(r"(?:the (left|right) side shows|(left|right) side:) (.*)")
 _SIZED = re.compile(r"\b(one|two|three) (small|large)\b")
 
 
+def _side_finding(what: str) -> tuple[int, tuple[str, ...]] | None:
+    """(count, sorted sizes) of a side's finding in the reports' words; None if it is not one."""
+    if what == "no lesions":
+        return 0, ()
+    if what not in SIDE_FINDINGS:
+        return None
+    sizes = [(z, _WORD_NUMBERS[w]) for w, z in _SIZED.findall(what)]
+    return sum(k for _, k in sizes), tuple(sorted(z for z, k in sizes for _ in range(k)))
+
+
 def parse_report(text: str) -> dict[str, Any]:
-    """The attributes a report states: modality, region (None when absent), count (None when no
-    count is stated), left / right ((count, sorted sizes) of that side's lesions; (0, ()) when the
-    side is not mentioned but other lesion findings are, None when no lesion finding is stated at
-    all). Reads the forms `report` writes, in any case; anything else is ignored, so a garbled
-    report scores as missing fields."""
+    """The attributes a report states: modality and region (the first stated; None when absent),
+    left / right ((count, sorted sizes) of that side's lesions; None when the side is not stated, is
+    stated in words that are not a finding, or is stated twice with different findings), and count
+    (the two sides' counts added; None unless both sides are known). Reads the forms `report`
+    writes, in any case; anything else is ignored, so a garbled report scores as missing fields."""
     low = text.lower()
     sentences = [x.strip() for x in re.split(r"[.!?]", low) if x.strip()]
-    modality = region = count = None
-    sides: dict[str, tuple[int, tuple[str, ...]]] = {"left": (0, ()), "right": (0, ())}
+    modality = region = None
+    stated: dict[str, list] = {side: [] for side in SIDES}
     for sent in sentences:
         if modality is None:
             found = re.search(r"\b(ct|mri|x-ray)\b", sent)
             modality = found.group(1) if found else None
-        if region is None and not sent.startswith("impression"):
+        if region is None:
             found = re.search(r"\b(brain|chest|abdomen)\b", sent)
             region = found.group(1) if found else None
         side = _SIDE_SENTENCE.fullmatch(sent)
         if side:
-            name, what = (side.group(1), side.group(2)) if side.group(1) else (side.group(3), side.group(4))
-            sizes = [(z, _WORD_NUMBERS[w]) for w, z in _SIZED.findall(what)]
-            sides[name] = (sum(k for _, k in sizes), tuple(sorted(z for z, k in sizes for _ in range(k))))
-            continue
-        if count is None:
-            if re.fullmatch(r"no lesions are seen|there are no lesions|no lesion is visible", sent):
-                count = 0
-            else:
-                found = _COUNT_SENTENCE.fullmatch(sent)
-                if found:
-                    count = _WORD_NUMBERS[found.group(1) or found.group(2)]
-    if count is None and sides == {"left": (0, ()), "right": (0, ())}:
-        sides = {"left": None, "right": None}  # no lesion finding stated at all: unknown, not "none"
+            stated[side.group(1) or side.group(2)].append(_side_finding(side.group(3)))
+    # A side stated twice in contradiction is not known (a report that says both is wrong).
+    sides = {name: (found[0] if found and all(f == found[0] for f in found) else None)
+             for name, found in stated.items()}
+    count = None if None in sides.values() else sum(k for k, _ in sides.values())
     return {"modality": modality, "region": region, "count": count, **sides}
 
 
@@ -478,6 +502,9 @@ class SyntheticConfig:
     closed_fraction: probability that a vqa record asks a closed question.
     closed_families / open_families: which question families to ask (see CLOSED_FAMILIES,
       OPEN_FAMILIES); a family is drawn uniformly, then a question of it uniformly.
+    layout: where lesions lie: "free" (anywhere in their side's half, the demo's scans) or "slots"
+      (one of two fixed slots per side, each inside one 16 px patch at 64 px; the miniature
+      recipe's scans, see `_place_lesions`).
     turns: question-answer turns per vqa record, all about the same image (a multi-turn dialogue
       as in LLaVA-Med's instruction data). The first turn is drawn exactly as a single-turn record
       (balanced answers); later turns ask further, distinct questions (closed or open as above)
@@ -491,10 +518,12 @@ class SyntheticConfig:
     closed_families: tuple[str, ...] = CLOSED_FAMILIES
     open_families: tuple[str, ...] = OPEN_FAMILIES
     turns: int = 1
+    layout: str = "free"
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        _check_layout(self.layout)
         for f in self.closed_families:
             if f not in CLOSED_FAMILIES:
                 raise ValueError(f"unknown closed family {f!r}; known: {CLOSED_FAMILIES}")
@@ -555,11 +584,11 @@ class SyntheticMedVQA:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} records")
         if self.config.task == "caption":
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, self.config.layout)
             return dict(scene=scene, question="Describe the image briefly.", answer=caption(scene),
                         answer_type="caption", question_type="caption")
         if self.config.task in ("report", "text"):
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, self.config.layout)
             request = REPORT_REQUESTS[rng.integers(len(REPORT_REQUESTS))]
             question = f"{caption(scene)}\n{request}" if self.config.task == "text" else request
             out = dict(scene=scene, question=question, answer=report(scene, rng), answer_type="report",
@@ -581,14 +610,14 @@ class SyntheticMedVQA:
             qs = self._closed[fams[pair.integers(len(fams))]]
             q = qs[pair.integers(len(qs))]
             want = bool(pair.integers(2) ^ (index % 2))
-            scene = sample_scene_where(rng, lambda s: q.truth(s) == want)
+            scene = sample_scene_where(rng, lambda s: q.truth(s) == want, layout=self.config.layout)
             answer, answer_type = ("yes" if want else "no"), "closed"
         else:
             fams = list(self._open)
             qs = self._open[fams[pair.integers(len(fams))]]
             q = qs[pair.integers(len(qs))]
             answer = q.answers[rng.integers(len(q.answers))]
-            scene = sample_scene_where(rng, lambda s: q.answer(s) == answer)
+            scene = sample_scene_where(rng, lambda s: q.answer(s) == answer, layout=self.config.layout)
             answer_type = "open"
         out = dict(scene=scene, question=q.text, answer=answer, answer_type=answer_type, question_type=q.family)
         if self.config.turns > 1:
@@ -655,8 +684,10 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
     """
     texts: list[str] = ["Describe the image briefly.", "yes no"]
     if reports:
-        texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_NO_LESION_FORMS)
-        texts += list(_COUNT_FORMS) + list(_SIDE_FORMS) + list(_IMPRESSION.values())
+        texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_SIDE_FORMS)
+        # Words of an earlier report wording, kept so that the reports tokenizer's ids stay those
+        # the miniature recipe's results were measured with (ids change what a tiny model learns).
+        texts += ["impression abnormal"]
         texts += ["is are lesion lesions and a an", " ".join(REGIONS)]
     # The "findings" questions bring words of the reports ("seen", "and"): they join with those,
     # so that the demo tokenizer's ids stay as they are (see the caption words below).

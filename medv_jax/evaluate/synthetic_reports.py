@@ -28,13 +28,14 @@ from medv_jax.evaluate.response_length import length_stats
 __all__ = ["write_question_set", "scene_of", "score_reports", "run_reports", "add_arguments", "run"]
 
 
-def write_question_set(out: str, num: int, seed: int = 0, split: str = "test", task: str = "report") -> str:
+def write_question_set(out: str, num: int, seed: int = 0, split: str = "test", task: str = "report",
+                       layout: str = "free") -> str:
     """``out/questions.jsonl`` and ``out/images/*.png`` for records 0..num-1 of the synthetic split;
     each row holds ``question_id``, ``image``, ``text`` (the request), ``answer`` (a reference
     report) and ``meta`` (the scan's attributes). Returns the question file's path."""
     if num < 1:
         raise ValueError(f"--num={num}: give at least one question")
-    source = synthetic.SyntheticMedVQA(split, num, seed=seed, task=task)
+    source = synthetic.SyntheticMedVQA(split, num, seed=seed, task=task, layout=layout)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = []
     for i in range(num):
@@ -111,9 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the synthetic set's data seed")
     parser.add_argument("--split", default="test", help="synthetic split (test: never seen in training)")
     parser.add_argument("--task", choices=["report"], default="report", help="what the questions ask")
+    parser.add_argument("--layout", choices=synthetic.LAYOUTS, default="free",
+                        help="where lesions lie (the miniature recipe trains on 'slots')")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = write_question_set(args.out, args.num, args.seed, args.split, args.task)
+    path = write_question_set(args.out, args.num, args.seed, args.split, args.task, args.layout)
     print(json.dumps({"questions": path, "images": os.path.join(args.out, "images"), "num": args.num}))
     return 0

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.turns = 1  # synthetic only: question-answer turns per training dialogue (test: 1)
     c.data.closed_families = ()  # synthetic only: subsets of synthetic.CLOSED_FAMILIES (() = all)
     c.data.open_families = ()  # ... and of synthetic.OPEN_FAMILIES
+    c.data.layout = "free"  # synthetic only: where lesions lie ("free" | "slots"; synthetic.LAYOUTS)
     c.data.seed = 0
     c.data.text_format = "conversation"  # | "caption" (stage 1)
     c.data.system_prompt = "medical"  # | "general" | "none" | any text
@@ -233,6 +234,7 @@ def mini_config(stage: str):
     c = tiny_from_scratch(base_config(), vocab_size=768)
     c.workdir = f"{MINI_ROOT}/{stage}"
     c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)
+    c.data.layout = "slots"  # lesions in patch-aligned slots (synthetic.SyntheticConfig.layout)
     c.data.test_size = 200
     c.train.log_every = 50
     c.train.eval_every = 0

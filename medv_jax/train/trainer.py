@@ -202,7 +202,7 @@ def data_sources(config: ml_collections.ConfigDict):
     if d.source == "synthetic":
         # Extra dialogue turns are a training device: the test split keeps one question per image,
         # as in the VQA benchmarks.
-        kw = dict(task=d.task, closed_fraction=d.get("closed_fraction", 0.5))
+        kw = dict(task=d.task, closed_fraction=d.get("closed_fraction", 0.5), layout=d.get("layout", "free"))
         for name in ("closed_families", "open_families"):  # () = all families
             if d.get(name):
                 kw[name] = tuple(d.get(name))

@@ -129,6 +129,44 @@ def test_lesions_are_visible_on_their_side(modality):
     assert checked == 40
 
 
+def _full_disk(lesion, size):
+    c = (np.arange(size) + 0.5) / size
+    xx, yy = np.meshgrid(c, c)
+    return (xx - lesion.x) ** 2 + (yy - lesion.y) ** 2 <= lesion.radius ** 2
+
+
+def test_slot_layout_puts_each_lesion_inside_one_patch_of_its_side():
+    """In the "slots" layout every lesion's pixels lie in one 16 px patch of a 64 px scan: the upper
+    or lower patch of the two central columns, the left column for left-side lesions; a side with
+    two lesions fills both of its patches, and the patch's lesion area tells the size."""
+    src = S.SyntheticMedVQA("train", 300, seed=1, task="report", layout="slots")
+    areas = {"small": [], "large": []}
+    two_on_a_side = 0
+    for i in range(300):
+        scene = S.Scene(**{**src[i]["meta"], "lesions": tuple(S.Lesion(**l) for l in src[i]["meta"]["lesions"])})
+        cells = []
+        for lesion in scene.lesions:
+            disk = _full_disk(lesion, 64)
+            rows, cols = np.nonzero(disk)
+            assert len({r // 16 for r in rows}) == 1 and len({c // 16 for c in cols}) == 1, (i, lesion)
+            cell = (rows[0] // 16, cols[0] // 16)
+            assert cell[0] in (1, 2) and cell[1] == (1 if lesion.side == "left" else 2), (i, lesion, cell)
+            cells.append(cell)
+            areas[lesion.size].append(disk.sum())
+        assert len(set(cells)) == len(cells)  # one lesion per slot
+        two_on_a_side += any(sum(l.side == side for l in scene.lesions) == 2 for side in S.SIDES)
+    assert max(areas["small"]) < 0.6 * min(areas["large"])
+    assert two_on_a_side > 30
+    # The layout changes where lesions lie, not what a scan holds: record i has the same modality,
+    # region and lesions (sides, sizes) in both layouts.
+    free = S.SyntheticMedVQA("train", 300, seed=1, task="report")
+    outline = lambda scene: (scene.modality, scene.region, sorted((l.side, l.size) for l in scene.lesions))  # noqa: E731
+    for i in range(300):
+        assert outline(free.describe(i)["scene"]) == outline(src.describe(i)["scene"])
+    with pytest.raises(ValueError, match="lesion layout must be one of"):
+        S.SyntheticConfig(layout="grid")
+
+
 def _features(img):
     x = np.asarray(img, np.float32) / 255.0
     lap = np.abs(4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:])
@@ -272,26 +310,31 @@ def _scene(modality="ct", region="chest", lesions=()):
 
 def test_field_accuracy_hand_worked_cases():
     scene = _scene("mri", "brain", [("left", "small"), ("right", "large"), ("right", "small")])
-    good = ("This is an MRI image of the brain. The skull and the ventricles are visible. Three lesions are "
-            "seen. The left side shows one small lesion. On the right side there is one small and one large "
-            "lesion. Impression: abnormal brain.")
+    good = ("This is an MRI image of the brain. The skull and the ventricles are visible. The left side "
+            "shows one small lesion. Right side: one small and one large lesion.")
+    assert S.parse_report(good) == {"modality": "mri", "region": "brain", "count": 3,
+                                    "left": (1, ("small",)), "right": (2, ("large", "small"))}
     assert S.field_accuracy(good, scene) == 1.0
     # wrong modality: 4 of 5 fields
     assert S.field_accuracy(good.replace("an MRI", "a CT"), scene) == 0.8
-    # the right side's large lesion missed: right side and count wrong (count says two)
-    missed = good.replace("Three lesions", "Two lesions").replace(
-        "On the right side there is one small and one large lesion.", "On the right side there is one small lesion.")
+    # the right side's large lesion missed: right side and count (two, from the sides) wrong
+    missed = good.replace("one small and one large lesion", "one small lesion")
     assert S.field_accuracy(missed, scene) == 0.6
+    # a side stated twice in contradiction is not known, nor is the count; stated twice alike, it is
+    assert S.field_accuracy(good + " The left side shows two large lesions.", scene) == 0.6
+    assert S.field_accuracy(good + " Left side: one small lesion.", scene) == 1.0
     # a hallucinated lesion on a normal scan: count and right side wrong
     normal = _scene("ct", "abdomen")
-    hallucinated = ("CT scan of the abdomen. There is one lesion. The right side shows one large lesion. "
-                    "Impression: abnormal abdomen.")
+    hallucinated = "CT scan of the abdomen. The left side shows no lesions. Right side: one large lesion."
     assert S.parse_report(hallucinated)["right"] == (1, ("large",))
     assert S.field_accuracy(hallucinated, normal) == 0.6
+    # a finding outside the reports' words ("three small lesions" on one side) is not read
+    assert S.parse_report("Left side: three small lesions. Right side: no lesions.")["left"] is None
     # nothing stated about lesions is not "no lesions": those three fields are wrong
     assert S.field_accuracy("CT scan of the abdomen.", normal) == 0.4
     assert S.field_accuracy("", normal) == 0.0
-    assert S.field_accuracy("no lesions are seen", normal) == 0.6  # count and both sides
+    # one side stated: that side is right; the other side and the count are missing
+    assert S.field_accuracy("the left side shows no lesions", normal) == 0.2
 
 
 def test_report_dialogues_ask_follow_ups_about_the_same_scan():

@@ -23,10 +23,10 @@ def test_score_reports_hand_worked():
             {"question_id": "b", "meta": {"modality": "mri", "region": "brain", "lesions": []}}]
     answers = {
         # a: all five fields right
-        "a": "CT scan of the chest. There is one lesion. On the left side there is one small lesion.",
+        "a": "CT scan of the chest. The left side shows one small lesion. Right side: no lesions.",
         # b: region right; modality wrong; a hallucinated lesion makes count and the right side wrong,
-        # the left side (not mentioned while other lesions are) is correctly empty: 2 of 5
-        "b": "CT scan of the brain. There is one lesion. The right side shows one large lesion.",
+        # the left side is rightly empty: 2 of 5
+        "b": "CT scan of the brain. The left side shows no lesions. The right side shows one large lesion.",
     }
     out = synthetic_reports.score_reports(rows, answers)
     assert out["per_field"] == {"modality": 50.0, "region": 100.0, "count": 50.0, "left": 100.0, "right": 50.0}
