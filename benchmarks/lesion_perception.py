@@ -40,6 +40,11 @@ LESION_QUESTIONS = [
     "train.global_batch=32",
     "train.eval_every=0",
     "eval.num_examples=400",
+    # Room for the longest answer, "one small and one large lesion" (6 tokens; the demo's own
+    # setting, 4, would cut it short).
+    "eval.gen_length=8",
+    "eval.block_length=8",
+    "eval.steps=8",
 ]
 
 

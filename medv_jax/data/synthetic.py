@@ -72,11 +72,12 @@ _BG, _BODY, _BONE, _AIR, _ORGAN, _LESION = range(6)
 _LESION_RADIUS = {"small": (0.065, 0.075), "large": (0.105, 0.12)}
 _LESION_X = {"left": (0.27, 0.40), "right": (0.60, 0.73)}
 _LESION_Y = (0.30, 0.70)
-# The "slots" layout: each side has an upper and a lower slot at the centre of one cell of a 4 x 4
-# grid (a 16 px patch at 64 px), and a lesion fills one slot. A lesion then lies in one patch of a
-# tower with 16 px patches, so its size is that patch's brightness and a side's count is the number
-# of bright patches; in the "free" layout lesions straddle patches and a tiny tower trained for
-# minutes confuses two small lesions with one large one (docs/mini_recipe.md).
+# The "slots" layout: each side has an upper and a lower slot, one in each of its two quadrants
+# (a 32 px patch at 64 px), and a lesion fills one slot. A lesion then lies in one patch of a tower
+# with 32 px patches (or of 16 px patches: each slot is one cell of the 4 x 4 grid), so a side's
+# count is the number of patches with a lesion. In the "free" layout lesions straddle patches and a
+# tiny tower trained for minutes confuses two small lesions with one large one and one side with
+# the other (docs/mini_recipe.md).
 _SLOT_X = {"left": 0.375, "right": 0.625}
 _SLOT_Y = (0.375, 0.625)
 _SLOT_JITTER = 0.01
@@ -407,15 +408,18 @@ def _sizes_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
 
 
 def report(scene: Scene, rng: np.random.Generator) -> str:
-    """A findings report of `scene` (26-38 tokens with the demo tokenizer): the study (modality,
-    region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
-    every lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
+    """A findings report of `scene` (26-38 tokens with the demo tokenizer): each side's lesions with
+    their sizes ("no lesions" included), the study (modality, region) and the anatomy seen, every
+    lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
     pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
-    out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
-                                     r=scene.region),
-           _ANATOMY[scene.region]]
-    for side in SIDES:
-        out.append(pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
+    # The findings come first: written block by block (B = 32), a report whose side sentences
+    # straddle the first block's end has their words committed before the image is read out
+    # (docs/mini_recipe.md); the study and anatomy sentences, sure from the first step, come after.
+    out = [pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side))
+           for side in SIDES]
+    out += [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
+                                      r=scene.region),
+            _ANATOMY[scene.region]]
     return " ".join(out)
 
 
@@ -503,7 +507,7 @@ class SyntheticConfig:
     closed_families / open_families: which question families to ask (see CLOSED_FAMILIES,
       OPEN_FAMILIES); a family is drawn uniformly, then a question of it uniformly.
     layout: where lesions lie: "free" (anywhere in their side's half, the demo's scans) or "slots"
-      (one of two fixed slots per side, each inside one 16 px patch at 64 px; the miniature
+      (one of two fixed slots per side, each inside one quadrant, a 32 px patch at 64 px; the miniature
       recipe's scans, see `_place_lesions`).
     turns: question-answer turns per vqa record, all about the same image (a multi-turn dialogue
       as in LLaVA-Med's instruction data). The first turn is drawn exactly as a single-turn record

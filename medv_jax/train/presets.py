@@ -234,7 +234,10 @@ def mini_config(stage: str):
     c = tiny_from_scratch(base_config(), vocab_size=768)
     c.workdir = f"{MINI_ROOT}/{stage}"
     c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)
-    c.data.layout = "slots"  # lesions in patch-aligned slots (synthetic.SyntheticConfig.layout)
+    c.data.layout = "slots"  # each lesion in one quadrant of its side (synthetic.SyntheticConfig.layout)
+    # 32 px patches: 4 image tokens, one per quadrant, so each lesion is one token's finding; with
+    # 16 px patches the tiny model confused the sides (docs/mini_recipe.md, "Lesion reading").
+    c.model.vision_overrides.patch_size = 32
     c.data.test_size = 200
     c.train.log_every = 50
     c.train.eval_every = 0

@@ -135,10 +135,10 @@ def _full_disk(lesion, size):
     return (xx - lesion.x) ** 2 + (yy - lesion.y) ** 2 <= lesion.radius ** 2
 
 
-def test_slot_layout_puts_each_lesion_inside_one_patch_of_its_side():
-    """In the "slots" layout every lesion's pixels lie in one 16 px patch of a 64 px scan: the upper
-    or lower patch of the two central columns, the left column for left-side lesions; a side with
-    two lesions fills both of its patches, and the patch's lesion area tells the size."""
+def test_slot_layout_puts_each_lesion_inside_one_quadrant_of_its_side():
+    """In the "slots" layout every lesion's pixels lie in one quadrant of the scan (a 32 px patch at
+    64 px), on its side; a side with two lesions fills both of its quadrants, and the lesion's area
+    tells the size."""
     src = S.SyntheticMedVQA("train", 300, seed=1, task="report", layout="slots")
     areas = {"small": [], "large": []}
     two_on_a_side = 0
@@ -148,11 +148,14 @@ def test_slot_layout_puts_each_lesion_inside_one_patch_of_its_side():
         for lesion in scene.lesions:
             disk = _full_disk(lesion, 64)
             rows, cols = np.nonzero(disk)
-            assert len({r // 16 for r in rows}) == 1 and len({c // 16 for c in cols}) == 1, (i, lesion)
-            cell = (rows[0] // 16, cols[0] // 16)
-            assert cell[0] in (1, 2) and cell[1] == (1 if lesion.side == "left" else 2), (i, lesion, cell)
+            assert len({r // 32 for r in rows}) == 1 and len({c // 32 for c in cols}) == 1, (i, lesion)
+            cell = (rows[0] // 32, cols[0] // 32)
+            assert cell[1] == (0 if lesion.side == "left" else 1), (i, lesion, cell)
             cells.append(cell)
             areas[lesion.size].append(disk.sum())
+            # Drawn whole: no part of a lesion is cut off by the body outline.
+            lab = S._label_map(S.Scene(scene.modality, scene.region, (lesion,)), 64, np.random.default_rng(i))
+            assert (lab == S._LESION).sum() >= 0.95 * disk.sum(), (i, lesion)
         assert len(set(cells)) == len(cells)  # one lesion per slot
         two_on_a_side += any(sum(l.side == side for l in scene.lesions) == 2 for side in S.SIDES)
     assert max(areas["small"]) < 0.6 * min(areas["large"])
@@ -299,9 +302,9 @@ def test_every_report_parses_back_to_its_scene_and_fits_24_to_64_tokens(tmp_path
         assert S.parse_report(text) == S.report_fields(scene), text
         assert S.field_accuracy(text, scene) == 1.0
         lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
-        forms.add(text.split(" ")[0])
+        forms.add(tuple(sentence.split(" ")[0] for sentence in text.split(". ")))
     assert 24 <= min(lengths) and max(lengths) <= 64, (min(lengths), max(lengths))
-    assert len(forms) >= 3  # the wording varies
+    assert len(forms) >= 6  # the wording varies: each side's form and the study's
 
 
 def _scene(modality="ct", region="chest", lesions=()):
