@@ -24,7 +24,10 @@ def get_config():
     c.optim.param_groups = []  # every part (see above)
     c.eval.num_examples = 200
     c.eval.batch_size = 50
-    c.eval.gen_length = 64
-    c.eval.block_length = 32
-    c.eval.steps = 64
+    # Two blocks of 48: a report (26-38 tokens) is written within the first, the second holds the
+    # stop token. With blocks of 32 or 16 the findings straddle a block's end and are committed
+    # before they are read (docs/mini_recipe.md).
+    c.eval.gen_length = 96
+    c.eval.block_length = 48
+    c.eval.steps = 96
     return c

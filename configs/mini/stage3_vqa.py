@@ -18,7 +18,8 @@ def get_config():
     c.optim.param_groups = LM_AND_PROJECTOR
     c.eval.num_examples = 400
     c.eval.batch_size = 50
-    c.eval.gen_length = 4
-    c.eval.block_length = 4
-    c.eval.steps = 4
+    # Room for the longest answer, "one small and one large lesion" (6 tokens).
+    c.eval.gen_length = 8
+    c.eval.block_length = 8
+    c.eval.steps = 8
     return c

@@ -408,18 +408,15 @@ def _sizes_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
 
 
 def report(scene: Scene, rng: np.random.Generator) -> str:
-    """A findings report of `scene` (26-38 tokens with the demo tokenizer): each side's lesions with
-    their sizes ("no lesions" included), the study (modality, region) and the anatomy seen, every
-    lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
+    """A findings report of `scene` (26-38 tokens with the demo tokenizer): the study (modality,
+    region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
+    every lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
     pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
-    # The findings come first: written block by block (B = 32), a report whose side sentences
-    # straddle the first block's end has their words committed before the image is read out
-    # (docs/mini_recipe.md); the study and anatomy sentences, sure from the first step, come after.
-    out = [pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side))
-           for side in SIDES]
-    out += [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
-                                      r=scene.region),
-            _ANATOMY[scene.region]]
+    out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
+                                     r=scene.region),
+           _ANATOMY[scene.region]]
+    for side in SIDES:
+        out.append(pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
     return " ".join(out)
 
 
