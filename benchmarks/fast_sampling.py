@@ -1,11 +1,11 @@
 """Fast sampling modes against the exact sampler: speedup and answer agreement on the synthetic
 test split with a model trained on it: the demo (``python -m medv_jax.train --config=configs/demo.py``,
 short VQA answers) or the miniature recipe's report model (``python -m medv_jax.train.chain
-configs/mini/``, findings reports of 24-52 tokens, scored by field accuracy).
+configs/mini/``, findings reports of 26-38 tokens, scored by field accuracy).
 
     python benchmarks/fast_sampling.py --checkpoint workdir/demo/model --out fast_sampling.json
     python benchmarks/fast_sampling.py --checkpoint workdir/mini/stage2_instruct/model \
-        --config configs/mini/stage2_instruct.py --gen_length 64 --block_length 32 --steps 64 \
+        --config configs/mini/stage2_instruct.py --gen_length 96 --block_length 48 --steps 96 \
         --num_examples 200 --out fast_sampling_reports.json
 
 For every mode (exact, prefix cache, dual cache, threshold, adaptive stop and combinations):

@@ -1,12 +1,12 @@
 """Mini recipe, stage 2 (the paper's end-to-end instruction tuning): two-turn dialogues about one
 scan, a findings report asked at either turn and a follow-up question at the other. Evaluated as
 the paper's conversation setting in miniature: reports of 200 held-out scans written block by
-block (L = 64, B = 32, N = 64) and scored by field accuracy (medv_jax.data.synthetic.field_accuracy).
+block (L = 96, B = 48, N = 96) and scored by field accuracy (medv_jax.data.synthetic.field_accuracy).
 
 The paper keeps its pretrained SigLIP2 tower frozen here. This tower has seen only stage 1's
-captions, and frozen it leaves the lesion findings short (field accuracy 62.8 % against 72.4 %
-with the tower training on, from the same stage-1 model; benchmarks/RESULTS.md "Miniature
-recipe"), so it trains in this stage too; stage 3 freezes it.
+captions, and frozen it left the lesion findings short (field accuracy 62.8 % against 72.4 % with
+the tower training on, from the same stage-1 model of an earlier recipe; benchmarks/RESULTS.md
+"Miniature recipe", "Freezing"), so it trains in this stage too; stage 3 freezes it.
 """
 from medv_jax.train.presets import MINI_ROOT, mini_config
 

@@ -14,7 +14,8 @@ What a scan shows (all large and high-contrast, so a tiny tower sees it at 64 x 
   ventricles; a wide chest with two large dark lungs, a heart and the spine; a wide abdomen with a big
   liver on the image's left, two kidneys and the spine.
 * 0 to 3 lesions: bright discs (small or large), each in the left or the right half of the image
-  (at most 2 per side). "left"/"right" are the IMAGE's left and right (not the patient's).
+  (at most 2 per side); with `layout="slots"` each lesion fills one of its side's two quadrants.
+  "left"/"right" are the IMAGE's left and right (not the patient's).
 
 Questions (one question-answer pair per record):
 

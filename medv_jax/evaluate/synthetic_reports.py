@@ -1,11 +1,11 @@
 """Findings reports of the built-in synthetic set as a benchmark: a question file with images (each
 row carrying its scan's attributes), answering through infer, and field accuracy.
 
-    python -m medv_jax.evaluate synthetic-questions --task report --num 200 --out reports200
+    python -m medv_jax.evaluate synthetic-questions --task report --layout slots --num 200 --out reports200
     python -m medv_jax.evaluate sweep --task report --questions reports200/questions.jsonl \\
         --image_folder reports200 --checkpoint workdir/mini/stage2_instruct/model \\
         --tokenizer workdir/mini/stage2_instruct/tokenizer --system_prompt none --out sweep_reports \\
-        --settings 64:32:64 64:32:32 64:32:16 64:32:8
+        --settings 96:48:96 96:48:48 96:48:24 96:48:12
 
 Field accuracy (medv_jax.data.synthetic.field_accuracy): the share of a report's attributes
 (modality, region, lesion count, each side's lesions with their sizes) stated correctly; a missing

@@ -229,8 +229,9 @@ MINI_ROOT = "workdir/mini"
 
 
 def mini_config(stage: str):
-    """The demo's from-scratch model and optimizer (tiny_from_scratch) with the
-    findings reports' tokenizer; `stage` names the workdir (workdir/mini/<stage>)."""
+    """The demo's from-scratch model and optimizer (tiny_from_scratch) with the findings reports'
+    tokenizer, scans with the lesions in slots and a tower with 32 px patches (docs/mini_recipe.md);
+    `stage` names the workdir (workdir/mini/<stage>)."""
     c = tiny_from_scratch(base_config(), vocab_size=768)
     c.workdir = f"{MINI_ROOT}/{stage}"
     c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)

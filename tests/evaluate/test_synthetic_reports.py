@@ -17,6 +17,16 @@ def test_question_file_rows_carry_their_scans(tmp_path):
         assert synthetic.field_accuracy(row["answer"], synthetic_reports.scene_of(row["meta"])) == 1.0
 
 
+def test_question_file_of_slot_scans(tmp_path):
+    """--layout slots writes the miniature recipe's scans: the same records as its training source."""
+    path = synthetic_reports.write_question_set(str(tmp_path), 5, layout="slots")
+    source = synthetic.SyntheticMedVQA("test", 5, task="report", layout="slots")
+    free = synthetic.SyntheticMedVQA("test", 5, task="report")
+    rows = load_records(path)
+    assert [synthetic_reports.scene_of(r["meta"]) for r in rows] == [source.describe(i)["scene"] for i in range(5)]
+    assert [synthetic_reports.scene_of(r["meta"]) for r in rows] != [free.describe(i)["scene"] for i in range(5)]
+
+
 def test_score_reports_hand_worked():
     lesion = {"x": 0.3, "y": 0.5, "radius": 0.1, "side": "left", "size": "small"}
     rows = [{"question_id": "a", "meta": {"modality": "ct", "region": "chest", "lesions": [lesion]}},
