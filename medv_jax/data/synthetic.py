@@ -318,7 +318,7 @@ def side_findings(scene: Scene, side: str) -> str:
     """What a side shows, in the reports' words: "no lesions", "one small lesion", ...,
     "one small and one large lesion" (one of `SIDE_FINDINGS`)."""
     sizes = [l.size for l in scene.lesions if l.side == side]
-    return _sizes_phrase(sizes)[0] if sizes else "no lesions"
+    return _sizes_phrase(sizes) if sizes else "no lesions"
 
 
 def _closed_questions() -> tuple[ClosedQuestion, ...]:
@@ -364,7 +364,7 @@ def caption(scene: Scene) -> str:
     for side in SIDES:
         sizes = [l.size for l in scene.lesions if l.side == side]
         if sizes:
-            parts.append(f"{_sizes_phrase(sizes)[0]} on the {side} side")
+            parts.append(f"{_sizes_phrase(sizes)} on the {side} side")
     return f"{head} with {' and '.join(parts) if parts else 'no lesions'}."
 
 
@@ -396,16 +396,16 @@ _SIDE_FORMS = ("The {side} side shows {what}.", "{Side} side: {what}.")
 REPORT_FIELDS = ("modality", "region", "count", "left", "right")
 
 
-def _sizes_phrase(sizes: Sequence[str]) -> tuple[str, bool]:
-    """("one small and one large lesion" | "two large lesions" | ..., plural verb?)."""
+def _sizes_phrase(sizes: Sequence[str]) -> str:
+    """"one small and one large lesion" | "two large lesions" | ... for a side's lesion sizes."""
     sizes = sorted(sizes, key=SIZES.index)
     n = len(sizes)
     if n == 1:
-        return f"one {sizes[0]} lesion", False
+        return f"one {sizes[0]} lesion"
     if len(set(sizes)) == 1:
-        return f"{COUNT_WORDS[n]} {sizes[0]} lesions", True
+        return f"{COUNT_WORDS[n]} {sizes[0]} lesions"
     parts = [f"{COUNT_WORDS[sizes.count(z)]} {z}" for z in SIZES if z in sizes]
-    return " and ".join(parts) + " lesion" + ("s" if n > 2 else ""), n > 2
+    return " and ".join(parts) + " lesion" + ("s" if n > 2 else "")
 
 
 def report(scene: Scene, rng: np.random.Generator) -> str:

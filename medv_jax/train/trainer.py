@@ -86,6 +86,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise UserError('config.data.tfds is not set: config.data.source="tfds" needs "NAME:SPLIT", e.g. vqa_rad:train')
     elif d.source != "synthetic":
         raise UserError(f"config.data.source={d.source!r}: expected 'synthetic', 'json' or 'tfds'")
+    elif d.get("layout", "free") not in synthetic.LAYOUTS:
+        raise UserError(f"config.data.layout={d.layout!r}: expected one of {', '.join(synthetic.LAYOUTS)}")
     if not config.tokenizer:
         raise UserError("config.tokenizer is not set: give the tokenizer folder (e.g. the LLaDA-MedV download), "
                         "--config.tokenizer=DIR")
