@@ -17,6 +17,7 @@ def get_config():
     c.data.task = "report"
     c.data.turns = 2
     c.data.max_length = 120
+    c.data.answer_padding = "eot"
     c.data.prompt_length = 64
     c.train.global_batch = 32
     c.train.num_steps = 1500

@@ -239,11 +239,6 @@ def mini_config(stage: str):
     # 32 px patches: 4 image tokens, one per quadrant, so each lesion is one token's finding; with
     # 16 px patches the tiny model confused the sides (docs/mini_recipe.md, "Lesion reading").
     c.model.vision_overrides.patch_size = 32
-    # Every stage pads its rows with the sampler's stop token. The sampler bans EOS, so a model that
-    # learned EOS padding in its early stages still puts weight there where an answer has ended,
-    # and with EOS banned the next likeliest token is more report: models whose stages 0-1 padded
-    # with EOS wrote extra side sentences after up to a third of their reports (docs/mini_recipe.md).
-    c.data.answer_padding = "eot"
     c.data.test_size = 200
     c.train.log_every = 50
     c.train.eval_every = 0
