@@ -371,11 +371,6 @@ def caption(scene: Scene) -> str:
 # ----------------------------------------------------------------------------------------------
 # Findings reports: varied wording, every attribute checkable by `parse_report`
 
-# Each request asks for its own wording of the report (a house style, as a department's template
-# fixes a report's sentences): the report is then a function of the scan and the request, so a
-# sampler that writes other words than the exact one has changed what the model answers, not picked
-# another equally likely wording (the fast modes' exact-match agreement measures that,
-# docs/mini_recipe.md), and the report's length is known once the findings are.
 REPORT_REQUESTS = (
     "Describe the findings in this image.",
     "Write a short report of this scan.",
@@ -398,12 +393,6 @@ _ANATOMY = {
 # cannot be filled in from the report's other words and has to be read off the scan (reports that
 # restated the findings trained models to write a likely report instead; docs/mini_recipe.md).
 _SIDE_FORMS = ("The {side} side shows {what}.", "{Side} side: {what}.")
-# request -> (study sentence, side sentence): the wording each request gets.
-REPORT_STYLES = {
-    REPORT_REQUESTS[0]: (_STUDY_FORMS[1], _SIDE_FORMS[0]),
-    REPORT_REQUESTS[1]: (_STUDY_FORMS[0], _SIDE_FORMS[1]),
-    REPORT_REQUESTS[2]: (_STUDY_FORMS[2], _SIDE_FORMS[1]),
-}
 REPORT_FIELDS = ("modality", "region", "count", "left", "right")
 
 
@@ -419,18 +408,16 @@ def _sizes_phrase(sizes: Sequence[str]) -> str:
     return " and ".join(parts) + " lesion" + ("s" if n > 2 else "")
 
 
-def report(scene: Scene, request: str = REPORT_REQUESTS[0]) -> str:
-    """The findings report of `scene` asked for by `request` (one of `REPORT_REQUESTS`; 26-38
-    tokens with the demo tokenizer): the study (modality, region), the anatomy seen, and each side's
-    lesions with their sizes ("no lesions" included), every lesion fact stated once, in the wording
-    `REPORT_STYLES` gives the request. `parse_report` reads every wording back."""
-    if request not in REPORT_STYLES:
-        raise ValueError(f"report request {request!r} is not one of {REPORT_REQUESTS}")
-    study, side_form = REPORT_STYLES[request]
-    out = [study.format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality], r=scene.region),
+def report(scene: Scene, rng: np.random.Generator) -> str:
+    """A findings report of `scene` (26-38 tokens with the demo tokenizer): the study (modality,
+    region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
+    every lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
+    pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
+    out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
+                                     r=scene.region),
            _ANATOMY[scene.region]]
     for side in SIDES:
-        out.append(side_form.format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
+        out.append(pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
     return " ".join(out)
 
 
@@ -606,7 +593,7 @@ class SyntheticMedVQA:
             scene = sample_scene(rng, self.config.layout)
             request = REPORT_REQUESTS[rng.integers(len(REPORT_REQUESTS))]
             question = f"{caption(scene)}\n{request}" if self.config.task == "text" else request
-            out = dict(scene=scene, question=question, answer=report(scene, request), answer_type="report",
+            out = dict(scene=scene, question=question, answer=report(scene, rng), answer_type="report",
                        question_type="report")
             if self.config.turns > 1:
                 # The report is asked at a uniformly drawn turn, the follow-ups around it: a report
@@ -753,5 +740,5 @@ __all__: Sequence[str] = (
     "render_scene", "sample_scene", "sample_scene_where", "CLOSED_QUESTIONS", "OPEN_QUESTIONS",
     "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers", "load_demo_tokenizer",
     "demo_image_config", "report", "parse_report", "report_fields", "field_accuracy", "fields_correct", "REPORT_FIELDS",
-    "REPORT_REQUESTS", "REPORT_STYLES", "TASKS",
+    "REPORT_REQUESTS", "TASKS",
 )

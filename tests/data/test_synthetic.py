@@ -295,35 +295,16 @@ def test_compact_base_and_release_layout_unchanged(tmp_path):
 def test_every_report_parses_back_to_its_scene_and_fits_24_to_64_tokens(tmp_path):
     tok = S.load_demo_tokenizer(tmp_path, reports=True)
     rng = np.random.default_rng(11)
-    lengths = []
+    lengths, forms = [], set()
     for _ in range(400):
         scene = S.sample_scene(rng)
-        request = S.REPORT_REQUESTS[rng.integers(len(S.REPORT_REQUESTS))]
-        text = S.report(scene, request)
+        text = S.report(scene, rng)
         assert S.parse_report(text) == S.report_fields(scene), text
         assert S.field_accuracy(text, scene) == 1.0
         lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
+        forms.add(tuple(sentence.split(" ")[0] for sentence in text.split(". ")))
     assert 24 <= min(lengths) and max(lengths) <= 64, (min(lengths), max(lengths))
-
-
-def test_each_request_gets_its_own_wording_and_one_report_per_scan():
-    scene = _scene("mri", "brain", [("left", "small"), ("right", "large"), ("right", "small")])
-    reports = [S.report(scene, request) for request in S.REPORT_REQUESTS]
-    assert reports == [
-        "This is an MRI image of the brain. The skull and the ventricles are visible. The left side shows "
-        "one small lesion. The right side shows one small and one large lesion.",
-        "MRI scan of the brain. The skull and the ventricles are visible. Left side: one small lesion. "
-        "Right side: one small and one large lesion.",
-        "The study is an MRI of the brain. The skull and the ventricles are visible. Left side: one small "
-        "lesion. Right side: one small and one large lesion.",
-    ]
-    # The dataset's report is the one its request asks for, whatever else the record draws.
-    source = S.SyntheticMedVQA("train", 30, seed=3, task="report", turns=2, layout="slots")
-    for i in range(30):
-        record = source.describe(i)
-        assert record["answer"] == S.report(record["scene"], record["question"])
-    with pytest.raises(ValueError, match="not one of"):
-        S.report(scene, "Tell me about it.")
+    assert len(forms) >= 6  # the wording varies: each side's form and the study's
 
 
 def _scene(modality="ct", region="chest", lesions=()):
