@@ -7,20 +7,22 @@ clients, batched serving against one request at a time, on the demo model
 
 For each mode the server (medv_jax/serve/openai_compat.py) runs in this process on 127.0.0.1,
 compiled for the default settings at start-up, and ``--requests`` questions of the synthetic test
-split (their scans sent as PNG data: URLs) are asked through the official ``openai`` client by
-``c`` client threads for each ``c`` of ``--clients`` (each client sends its next question when it
-has its answer). Modes: ``batched`` (requests gathered for ``--window_ms`` into batches of up to
+split (their scans sent as PNG data: URLs) are asked through the official ``openai`` client
+(``AsyncOpenAI``) by ``c`` concurrent clients for each ``c`` of ``--clients`` (each client sends
+its next question when it has its answer), from a separate load-generator process on the same
+cores. Modes: ``batched`` (requests gathered for ``--window_ms`` into batches of up to
 the largest of ``--batch_sizes``) and ``one_at_a_time`` (batch size 1, no window). Reported per
 (mode, clients): requests per second (requests / wall time), p50 / p99 latency per request, mean
 batch size, and how many answers differ from ``model.answer`` asked alone (must be 0). The
 speedup is batched over one-at-a-time requests per second at the same client count.
+Also reported: the sampler alone (``model.run`` on prompts built in advance, no HTTP) in
+milliseconds per row at each batch size, the ceiling of what batching can give on the machine.
 Results go to ``--out`` as JSON and a markdown table to stdout.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
 import io
 import json
 import os
@@ -61,29 +63,75 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_level(url: str, name: str, asks: list[tuple[bytes, str]], clients: int) -> dict:
-    """Ask every question of ``asks`` with ``clients`` concurrent clients; latencies and answers."""
+    """Ask every question of ``asks`` with ``clients`` concurrent clients, driven from a separate
+    process (as a load generator on another machine would be; in this process its client threads
+    would hold the interpreter lock the server's request path needs); latencies and answers."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        given, taken = Path(folder) / "asks.json", Path(folder) / "results.json"
+        given.write_text(json.dumps({"url": url, "model": name, "clients": clients,
+                                     "asks": [[base64.b64encode(png).decode(), q] for png, q in asks]}))
+        subprocess.run([sys.executable, __file__, "--drive", str(given), "--out", str(taken)], check=True)
+        return json.loads(taken.read_text())
+
+
+async def _drive(job: dict) -> dict:
+    """The load generator: ``job["clients"]`` concurrent clients of the official ``openai`` package,
+    each sending its next question when it has its answer."""
+    import asyncio
+
     import openai
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    work = list(enumerate(asks))
+    client = openai.AsyncOpenAI(base_url=job["url"] + "/v1", api_key="none", max_retries=0, timeout=600)
+    work = list(enumerate(job["asks"]))
     results: dict[int, tuple[float, list[int]]] = {}
 
-    def one_client(share):
+    async def one_client(share):
         for index, (png, question) in share:
             t0 = time.perf_counter()
-            reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+            reply = await client.chat.completions.create(model=job["model"], messages=[{"role": "user", "content": [
                 {"type": "text", "text": question},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
             ]}])
             results[index] = (time.perf_counter() - t0, reply.model_extra["medv"]["token_ids"])
 
-    shares = [work[c::clients] for c in range(clients)]
+    clients = job["clients"]
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one_client, shares))
+    await asyncio.gather(*(one_client(work[c::clients]) for c in range(clients)))
     wall = time.perf_counter() - t0
-    latencies = [results[i][0] for i in range(len(asks))]
-    return {"wall_s": wall, "latencies": latencies, "token_ids": [results[i][1] for i in range(len(asks))]}
+    await client.close()
+    n = len(work)
+    return {"wall_s": wall, "latencies": [results[i][0] for i in range(n)],
+            "token_ids": [results[i][1] for i in range(n)]}
+
+
+def sampler_alone(model, asks: list[tuple[bytes, str]], sampler: SamplerConfig, sizes: tuple[int, ...],
+                  repeats: int = 10) -> list[dict]:
+    """The batching ceiling: milliseconds per row of ``model.run`` alone (no HTTP, no request
+    handling) at each batch size, the median of ``repeats`` runs on the first questions, and the
+    speedup per row over batch size 1. Batching cannot make serving faster than this."""
+    import PIL.Image
+
+    rows = [model.prompt(q, model.image(PIL.Image.open(io.BytesIO(png)).convert("RGB"))) for png, q in asks]
+    width = model.prompt_width(len(rows[0].tokens), sampler.gen_length)
+    rows = [r for r in rows if model.prompt_width(len(r.tokens), sampler.gen_length) == width]
+    out = []
+    for size in sorted(set(sizes)):
+        if size > len(rows):
+            break
+        batch, keys = rows[:size], [api.row_key(0)] * size
+        model.run(batch, keys, sampler, batch_size=size, prompt_width=width)  # compile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.run(batch, keys, sampler, batch_size=size, prompt_width=width)
+            times.append(time.perf_counter() - t0)
+        out.append({"batch": size, "ms_per_row": statistics.median(times) * 1e3 / size})
+    for r in out:
+        r["speedup_per_row"] = out[0]["ms_per_row"] / r["ms_per_row"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -101,7 +149,13 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="batched,one_at_a_time")
     parser.add_argument("--seed", type=int, default=0, help="which synthetic test examples")
     parser.add_argument("--out", default="serve_load.json")
+    parser.add_argument("--drive", default=None, help=argparse.SUPPRESS)  # the load-generator process
     args = parser.parse_args(argv)
+    if args.drive:
+        import asyncio
+
+        Path(args.out).write_text(json.dumps(asyncio.run(_drive(json.loads(Path(args.drive).read_text())))))
+        return 0
     clients = [int(c) for c in args.clients.split(",")]
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     modes = {"batched": (sizes, args.window_ms / 1000), "one_at_a_time": ((1,), 0.0)}
@@ -123,7 +177,10 @@ def main(argv=None) -> int:
                 for png, q in asks]
     report = {"machine": describe_cpu(), "checkpoint": args.checkpoint, "requests": args.requests,
               "sampler": {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps},
-              "results": []}
+              "sampler_alone": sampler_alone(model, asks, defaults, sizes), "results": []}
+    print("the sampler alone (no HTTP): " + ", ".join(
+        f"batch {r['batch']}: {r['ms_per_row']:.2f} ms/row ({r['speedup_per_row']:.2f}x)" for r in report["sampler_alone"]),
+        file=sys.stderr)
     for mode in chosen:
         batch_sizes, window = modes[mode]
         batcher = oc.Batcher(model, batch_sizes=batch_sizes, window_s=window, max_queue=max(clients) * 2)
@@ -152,6 +209,8 @@ def main(argv=None) -> int:
     by = {(r["mode"], r["clients"]): r for r in report["results"]}
     print(f"machine: {report['machine']}; {args.requests} requests per level; "
           f"sampler {args.gen_length}/{args.block_length}/{args.steps}\n")
+    print("the sampler alone, ms per row (speedup over batch 1): " + ", ".join(
+        f"batch {r['batch']} {r['ms_per_row']:.2f} ({r['speedup_per_row']:.2f}x)" for r in report["sampler_alone"]) + "\n")
     print("| clients | mode | requests/s | p50 s | p99 s | mean batch | answers differing | speedup |")
     print("|---|---|---|---|---|---|---|---|")
     for r in report["results"]:

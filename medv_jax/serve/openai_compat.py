@@ -34,6 +34,7 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -42,6 +43,7 @@ import time
 import uuid
 from typing import Any, Mapping, Sequence
 
+from medv_jax.data import image_io
 from medv_jax.sampling import api
 from medv_jax.sampling.diffusion import SamplerConfig
 from medv_jax.user_errors import UserError
@@ -52,9 +54,6 @@ BATCH_HISTORY = 10_000
 # Extra body fields: the sampler's (the commands' flag names) and the DICOM display window.
 SAMPLER_FIELDS = tuple(k for k in api.SAMPLER_SETTINGS if k not in ("gen_length", "temperature"))
 DICOM_FIELDS = ("dicom_window", "dicom_frame")
-IMAGE_SUFFIXES = {"image/dicom": ".dcm", "application/dicom": ".dcm", "image/png": ".png",
-                  "image/jpeg": ".jpg", "image/gif": ".gif", "image/bmp": ".bmp", "image/tiff": ".tif",
-                  "image/webp": ".webp"}
 
 
 class BadRequest(UserError):
@@ -234,22 +233,40 @@ def prepare(model: api.Model, body: Any, defaults: SamplerConfig, served_name: s
         if "dicom_frame" in options and (isinstance(options["dicom_frame"], bool)
                                          or not isinstance(options["dicom_frame"], int)):
             raise BadRequest("dicom_frame must be an integer", "dicom_frame")
-        suffix = IMAGE_SUFFIXES.get(media, "")
-        # The image readers take files (DICOM is recognised by its suffix or magic).
-        with tempfile.NamedTemporaryFile(suffix=suffix or ".img", delete=False) as handle:
-            handle.write(raw)
-        try:
-            image = model.image(handle.name, name="image_url", **options)
-        except UserError as e:
-            raise BadRequest(str(e).replace(handle.name, "the image"), "image_url") from None
-        finally:
-            os.unlink(handle.name)
+        image = _request_image(model, raw, media, options)
     try:
         row = model.prompt(question, image, history, system_prompt=system if has_system else api.MODEL_SYSTEM_PROMPT)
         width = model.prompt_width(len(row.tokens), sampler.gen_length)
     except UserError as e:
         raise BadRequest(str(e), "messages") from None
     return Prepared(row=row, sampler=sampler, seed=seed, width=width, stream=stream)
+
+
+def _request_image(model: api.Model, raw: bytes, media: str, options: Mapping[str, Any]) -> Any:
+    """The preprocessed image of a request's bytes. Pictures are decoded in memory (as the file
+    reader does: fully, then to 8-bit RGB); DICOM, recognised by its media type or its magic,
+    goes through the DICOM file reader. Raises BadRequest."""
+    if media in ("image/dicom", "application/dicom") or raw[128:132] == b"DICM":
+        with tempfile.NamedTemporaryFile(suffix=".dcm", delete=False) as handle:
+            handle.write(raw)
+        try:
+            return model.image(handle.name, name="image_url", **options)
+        except UserError as e:
+            raise BadRequest(str(e).replace(handle.name, "the image"), "image_url") from None
+        finally:
+            os.unlink(handle.name)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as picture:
+            picture.load()
+            rgb = image_io.to_rgb(picture)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"image_url: cannot read it as an image (PNG, JPEG, ... or DICOM): {e}", "image_url") from None
+    try:
+        return model.image(rgb, name="image_url", **options)
+    except UserError as e:
+        raise BadRequest(str(e), "image_url") from None
 
 
 class ModelNotFound(Exception):

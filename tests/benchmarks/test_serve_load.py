@@ -24,5 +24,8 @@ def test_serve_load_runs_and_answers_as_the_model_alone(tmp_path):
         assert row["requests"] == 6 and row["answers_differing"] == 0
         assert row["requests_per_s"] > 0 and 0 < row["p50_s"] <= row["p99_s"]
     assert all(r["mean_batch"] == 1 for r in report["results"] if r["mode"] == "one_at_a_time")
+    alone = report["sampler_alone"]  # the ceiling: model.run alone at each batch size
+    assert [r["batch"] for r in alone] == [1, 4] and alone[0]["speedup_per_row"] == 1.0
+    assert all(r["ms_per_row"] > 0 for r in alone)
     table = printed.getvalue()
     assert "| 3 | batched |" in table and "x |" in table  # the speedup column is filled

@@ -78,6 +78,42 @@ def test_single_request_with_image_is_model_answer(client, model, tiny):
     assert reply.model_extra["medv"]["token_ids"] == alone.token_ids
 
 
+def _image_asks(tiny, tmp_path):
+    """(path, media type, options): a PNG, a JPEG, a 16-bit PNG, a DICOM by its type and by its magic."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    deep = tmp_path / "deep.png"  # 16-bit grayscale: the reader's high-bit-depth rescaling
+    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 13)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    asks = [(tiny["images"] / "scan.png", "image/png", {}), (tiny["images"] / "scan.jpg", "image/jpeg", {}),
+            (deep, "image/png", {})]
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    return asks + [(ct, "application/dicom", {"dicom_window": "lung"}), (ct, "image/png", {})]
+
+
+def test_request_images_are_preprocessed_as_their_files(model, tiny, tmp_path):
+    import numpy as np
+
+    for path, media, options in _image_asks(tiny, tmp_path):
+        served = oc._request_image(model, path.read_bytes(), media, options)
+        alone = model.image(str(path), **options)
+        np.testing.assert_array_equal(served.pixels, alone.pixels, err_msg=str(path))
+
+
+def test_a_dicom_request_is_model_answer(client, model, tiny, tmp_path):
+    path, media, options = _image_asks(tiny, tmp_path)[3]
+    reply = client.chat.completions.create(model="medv-tiny", messages=[user("Which organ?", path, media)],
+                                           extra_body=options)
+    alone = model.answer(str(path), "Which organ?", sampler=DEFAULTS, **options)
+    assert reply.model_extra["medv"]["token_ids"] == alone.token_ids
+
+
 def test_streamed_by_block(client, model, tiny):
     scan = tiny["images"] / "scan.png"
     question = "What modality is this?"
