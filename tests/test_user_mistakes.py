@@ -185,6 +185,7 @@ MISTAKES = [
     ("train: no config", "train", "--workdir={root}/run", ["--config is not set"]),
     ("train: a number that is not one", "train", f"{TRAIN} --config.train.num_steps=abc", ["--config.train.num_steps", "abc"]),
     ("train: mask time floor out of range", "train", f"{TRAIN} --config.train.mask_time_floor=1.0", ["config.train.mask_time_floor", "[0, 1)"]),
+    ("train: mask span fraction out of range", "train", f"{TRAIN} --config.train.mask_span_fraction=1.5", ["config.train.mask_span_fraction", "[0, 1]"]),
     ("train: unknown lesion layout", "train", f"{TRAIN} --config.data.layout=grid", ["config.data.layout", "'grid'", "slots"]),
     ("train: unknown preset", "train", f"{TRAIN} --config.model.lm_preset=llada_tiniest", ["config.model.lm_preset", "llada_tiny"]),
     # serve

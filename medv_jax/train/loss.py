@@ -41,13 +41,16 @@ def draw_times(rng: Array, batch: int, kind: str = "uniform") -> Array:
 
 
 def draw_masks(rng: Array, answer_mask: Array, eps: float = MASK_EPS,
-               times: str = "uniform", time_floor: float = 0.0) -> tuple[Array, Array]:
+               times: str = "uniform", time_floor: float = 0.0, span_fraction: float = 0.0) -> tuple[Array, Array]:
     """(masked [B, T] bool, p [B]) for one batch: one t per sequence (drawn as `draw_times` says),
     masks only answer positions. `time_floor` > 0 draws t from [floor, 1) instead of [0, 1): every
     row is masked at least that much, so a masked token is predicted from little of its answer (a
-    departure from the reference's objective, for answers whose parts give each other away)."""
+    departure from the reference's objective, for answers whose parts give each other away).
+    `span_fraction` > 0 gives that share of the rows a span mask instead (`draw_span_masks`)."""
     if not 0.0 <= time_floor < 1.0:
         raise ValueError(f"mask time floor must be in [0, 1), got {time_floor}")
+    if not 0.0 <= span_fraction <= 1.0:
+        raise ValueError(f"mask span fraction must be in [0, 1], got {span_fraction}")
     rng_t, rng_m = jax.random.split(rng)
     batch = answer_mask.shape[0]
     t = draw_times(rng_t, batch, times)
@@ -55,6 +58,34 @@ def draw_masks(rng: Array, answer_mask: Array, eps: float = MASK_EPS,
         t = time_floor + (1.0 - time_floor) * t
     p = (1.0 - eps) * t + eps
     masked = (jax.random.uniform(rng_m, answer_mask.shape) < p[:, None]) & answer_mask
+    if span_fraction:  # (0 leaves the draw bit-identical to the reference's)
+        rng_pick, rng_span = jax.random.split(jax.random.fold_in(rng, 2))
+        span, span_p = draw_span_masks(rng_span, answer_mask)
+        pick = jax.random.uniform(rng_pick, (batch,)) < span_fraction
+        masked = jnp.where(pick[:, None], span, masked)
+        p = jnp.where(pick, span_p, p)
+    return masked, p
+
+
+def draw_span_masks(rng: Array, answer_mask: Array) -> tuple[Array, Array]:
+    """(masked [B, T], p [B]): per row one contiguous run of its answer positions (counted over
+    the answer positions only, so a run may span the user turn between two answers), its start
+    and end drawn uniformly, and p the share of the row's answer positions it covers (the loss's
+    1/p weighting then averages the run's cross-entropy).
+
+    The sampler's states are not i.i.d. masks: it commits the answer's confident tokens first, and
+    near the end of an answer it holds the words written so far, a run of masked positions, and
+    stop tokens committed further right. Under i.i.d. masks such a state (a whole answer visible
+    with a long masked run after it) has vanishing probability, so a small model never learns where
+    that run's answer ends; span rows show it directly (docs/algorithm.md §4)."""
+    rng_start, rng_end = jax.random.split(rng)
+    batch = answer_mask.shape[0]
+    n = answer_mask.sum(axis=1)  # [B] answer positions per row
+    rank = jnp.cumsum(answer_mask, axis=1) - 1  # [B, T] index of each answer position
+    start = jnp.floor(jax.random.uniform(rng_start, (batch,)) * n).astype(jnp.int32)
+    end = start + 1 + jnp.floor(jax.random.uniform(rng_end, (batch,)) * (n - start)).astype(jnp.int32)
+    masked = answer_mask & (rank >= start[:, None]) & (rank < end[:, None])
+    p = jnp.where(n > 0, (end - start) / jnp.maximum(n, 1), 1.0).astype(jnp.float32)
     return masked, p
 
 

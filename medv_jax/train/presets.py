@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: each row's t drawn from [floor, 1), every answer masked at least that much (0: the
     # reference's U(0, 1); loss.draw_masks).
     c.train.mask_time_floor = 0.0
+    # > 0: that share of the rows gets one contiguous run of its answer masked instead of i.i.d.
+    # masks, the states the sampler reaches near an answer's end (0: the reference; loss.draw_span_masks).
+    c.train.mask_span_fraction = 0.0
     c.train.log_every = 1
     c.train.eval_every = 500
     c.train.checkpoint_every = 500

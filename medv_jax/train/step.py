@@ -41,6 +41,7 @@ class StepConfig:
     ce_chunk: int = 512  # sequence chunk of the cross-entropy
     mask_times: str = "uniform"  # how each row's masking time t is drawn (loss.draw_times)
     mask_time_floor: float = 0.0  # t drawn from [floor, 1) (loss.draw_masks); 0 = the reference
+    mask_span_fraction: float = 0.0  # share of rows given a span mask (loss.draw_span_masks); 0 = the reference
 
 
 def create_state(params: Any, tx: optax.GradientTransformation, groups, rng: Array) -> TrainState:
@@ -111,7 +112,8 @@ def make_train_step(model: MedV, tx: optax.GradientTransformation, config: StepC
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         # Mask draws for the whole global batch first, so accumulation equals the large batch.
         masked, p = loss_lib.draw_masks(step_rng, batch["labels"] != loss_lib.IGNORE_INDEX,
-                                        times=config.mask_times, time_floor=config.mask_time_floor)
+                                        times=config.mask_times, time_floor=config.mask_time_floor,
+                                        span_fraction=config.mask_span_fraction)
         k = config.micro_batches
         # A key of its own for adapter dropout, so runs without it draw exactly the masks they did.
         dropout_keys = jax.random.split(jax.random.fold_in(step_rng, 1), k)

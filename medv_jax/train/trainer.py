@@ -104,6 +104,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= floor < 1.0:
         raise UserError(f"config.train.mask_time_floor={floor}: must be in [0, 1) (0 = the reference's "
                         "masking times)")
+    span = config.train.get("mask_span_fraction", 0.0)
+    if not 0.0 <= span <= 1.0:
+        raise UserError(f"config.train.mask_span_fraction={span}: must be in [0, 1] (the share of rows given a "
+                        "span mask; 0 = the reference's masks)")
     for field, presets in (("lm_preset", llada.LLADA_PRESETS), ("vision_preset", siglip.SIGLIP_PRESETS)):
         name = config.model.get(field)
         if name not in presets:
@@ -441,7 +445,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         example = {k: v for k, v in first.items() if k != "example_id"}
         train_step = step_lib.jit_train_step(step_lib.make_train_step(
             model, tx, step_lib.StepConfig(t.micro_batches, t.ce_chunk, t.get("mask_times", "uniform"),
-                                             t.get("mask_time_floor", 0.0))),
+                                             t.get("mask_time_floor", 0.0), t.get("mask_span_fraction", 0.0))),
             shardings, mesh, example, rules)
         eval_loss = make_eval_loss(model, mesh, shardings, example, rules)
         eval_batches = _held_out_batches(config, test_source, tokenizer, bcfg) if test_source is not None else []

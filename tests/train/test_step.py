@@ -107,6 +107,37 @@ def test_mask_time_floor_masks_every_row_at_least_that_much():
             loss_lib.draw_masks(jax.random.key(7), answer, time_floor=bad)
 
 
+def test_span_masks_are_one_run_of_the_answer_and_fraction_zero_is_the_reference():
+    # Two answers per row (positions 5-11 and 14-17) around a user turn; the last row has none.
+    answer = np.zeros((400, 20), bool)
+    answer[:, 5:12] = answer[:, 14:18] = True
+    answer[-1] = False
+    answer = jnp.asarray(answer)
+    masked, p = loss_lib.draw_span_masks(jax.random.key(4), answer)
+    masked, p, answer_np = np.asarray(masked), np.asarray(p), np.asarray(answer)
+    assert not (masked & ~answer_np).any()
+    for row, share in zip(masked[:-1], p[:-1]):
+        ranks = np.flatnonzero(row[answer_np[0]])  # the masked answer positions, counted over the answer
+        assert len(ranks) >= 1 and (np.diff(ranks) == 1).all()  # one contiguous run
+        assert share == pytest.approx(len(ranks) / 11)
+    assert not masked[-1].any() and p[-1] == 1.0  # no answer: nothing masked, a harmless p
+    starts = [np.flatnonzero(r[answer_np[0]])[0] for r in masked[:-1]]
+    ends = [np.flatnonzero(r[answer_np[0]])[-1] for r in masked[:-1]]
+    assert set(starts) == set(range(11)) and set(ends) == set(range(11))  # every start and end occurs
+    assert any(s < 7 <= e for s, e in zip(starts, ends))  # runs across the user turn
+    # As a share of draw_masks' rows: 0 is bit-identical to the reference's draw; 1 masks every row as a span.
+    base_masked, base_p = loss_lib.draw_masks(jax.random.key(7), answer)
+    zero_masked, zero_p = loss_lib.draw_masks(jax.random.key(7), answer, span_fraction=0.0)
+    np.testing.assert_array_equal(base_masked, zero_masked)
+    np.testing.assert_array_equal(base_p, zero_p)
+    half_masked, half_p = loss_lib.draw_masks(jax.random.key(7), answer, span_fraction=0.5)
+    runs = [(np.diff(np.flatnonzero(r[answer_np[0]])) == 1).all() and r.any() for r in np.asarray(half_masked)[:-1]]
+    assert 0.35 < np.mean(runs) < 0.75  # about half the rows (i.i.d. rows are rarely one run)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="span"):
+            loss_lib.draw_masks(jax.random.key(7), answer, span_fraction=bad)
+
+
 def test_chunked_ce_matches_unchunked_with_gradients():
     h = jax.random.normal(jax.random.key(0), (2, 10, 8))
     w = jax.random.normal(jax.random.key(1), (8, 33))
