@@ -21,10 +21,6 @@ def get_config():
     c.data.prompt_length = 64
     c.train.global_batch = 32
     c.train.num_steps = 1500
-    # Half the rows masked as one contiguous run of the answer: the sampler's states near a
-    # report's end (the report written, a masked run, stop tokens further right), which i.i.d.
-    # masks almost never show (docs/mini_recipe.md).
-    c.train.mask_span_fraction = 0.5
     c.optim.param_groups = []  # every part (see above)
     c.eval.num_examples = 200
     c.eval.batch_size = 50

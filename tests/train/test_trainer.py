@@ -64,6 +64,17 @@ def _wait_for_step(workdir, step, proc, timeout=300):
     raise AssertionError(f"step {step} not reached")
 
 
+def _wait_for_checkpoint(workdir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (Path(workdir) / "checkpoints" / str(step)).is_dir():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no finished checkpoint of step {step}")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
@@ -75,7 +86,10 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, uninterrupted):
     assert sorted(uninterrupted) == list(range(1, 11))
     proc = subprocess.Popen(_cmd(tmp_path, "--config.train.num_steps=10"), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(tmp_path, 7, proc)
+    # Killed once the step-3 checkpoint is finished (orbax renames its temporary folder to "3"),
+    # so the rerun has it to resume from whatever step the kill lands on, and early enough that
+    # the run cannot have reached step 10 (a kill at a later logged step raced the run's end).
+    _wait_for_checkpoint(tmp_path, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(_losses(tmp_path)) < 10
