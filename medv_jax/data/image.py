@@ -100,7 +100,7 @@ def preprocess_pil(img: Image.Image, config: ImageConfig) -> PreprocessedImage:
 
 
 def preprocess_image(
-    source: str | os.PathLike[str] | Image.Image | np.ndarray,
+    source: str | os.PathLike[str] | Image.Image | np.ndarray | bytes,
     mode: str | ImageConfig = "square",
     *,
     high_bit_depth: image_io.HighBitDepth = "minmax",
@@ -108,7 +108,7 @@ def preprocess_image(
     dicom_frame: int | None = None,
     dicom_force: bool = False,
 ) -> PreprocessedImage:
-    """Loads `source` (path incl. .dcm, PIL image or uint8 array) and preprocesses it.
+    """Loads `source` (path incl. .dcm, PIL image, uint8 array or encoded bytes) and preprocesses it.
 
     `mode` is an ImageConfig (normally `ImageConfig.from_model_config(checkpoint_config)`) or a
     preset name: "square", "pad" (729 tokens each) or "anyres_max_N" (spatial_unpad; LLaDA-V uses N = 4).

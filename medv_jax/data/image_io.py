@@ -11,6 +11,7 @@ not applied, as in the reference.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Literal
 
@@ -58,14 +59,15 @@ def to_rgb(img: Image.Image, high_bit_depth: HighBitDepth = "minmax") -> Image.I
 
 
 def load_image(
-    source: str | os.PathLike[str] | Image.Image | np.ndarray,
+    source: str | os.PathLike[str] | Image.Image | np.ndarray | bytes,
     *,
     high_bit_depth: HighBitDepth = "minmax",
     dicom_window: str | tuple[float, float] | None = None,
     dicom_frame: int | None = None,
     dicom_force: bool = False,
 ) -> Image.Image:
-    """Opens `source` (a path, a PIL image or an HxW / HxWxC uint8 array) as 8-bit RGB.
+    """Opens `source` (a path, a PIL image, an HxW / HxWxC uint8 array, or the bytes of an encoded
+    picture; DICOM only from a path) as 8-bit RGB.
 
     `.dcm` files (or files with the DICOM magic) go through `medv_jax.data.dicom.read_dicom` with
     `dicom_window` / `dicom_frame` / `dicom_force`. Unreadable or undecodable files raise ImageReadError naming
@@ -75,14 +77,18 @@ def load_image(
         return to_rgb(source, high_bit_depth)
     if isinstance(source, np.ndarray):
         return to_rgb(Image.fromarray(source), high_bit_depth)
-    path = os.fspath(source)
-    if _is_dicom_path(path):
-        from medv_jax.data import dicom  # pydicom is optional
+    if isinstance(source, (bytes, bytearray)):  # an encoded picture (PNG, JPEG, ...) held in memory
+        opened, shown = io.BytesIO(source), "image bytes"
+    else:
+        path = os.fspath(source)
+        if _is_dicom_path(path):
+            from medv_jax.data import dicom  # pydicom is optional
 
-        return dicom.read_dicom(path, window=dicom_window, frame=dicom_frame, force=dicom_force)
+            return dicom.read_dicom(path, window=dicom_window, frame=dicom_frame, force=dicom_force)
+        opened, shown = path, f"image file {path!r}"
     try:
-        with Image.open(path) as img:
+        with Image.open(opened) as img:
             img.load()  # decode now, so truncated files fail here, with the name
             return to_rgb(img, high_bit_depth)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image file {path!r}: {e}") from e
+        raise ImageReadError(f"cannot read {shown}: {e}") from e

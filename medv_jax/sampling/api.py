@@ -351,7 +351,8 @@ class Model:
         dicom_force: bool = False,
         name: str | None = None,
     ) -> PreprocessedImage:
-        """A path (PNG/JPEG/... or DICOM), PIL image or uint8 array -> the preprocessed image.
+        """A path (PNG/JPEG/... or DICOM), PIL image, uint8 array or the bytes of a PNG/JPEG/... ->
+        the preprocessed image.
         dicom_window: "auto" (the file's), "full", a named window, "center,width" or a pair.
         Raises UserError naming the image."""
         from medv_jax.data import dicom

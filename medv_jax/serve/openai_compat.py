@@ -34,7 +34,6 @@ import asyncio
 import base64
 import binascii
 import dataclasses
-import io
 import json
 import os
 import tempfile
@@ -43,7 +42,6 @@ import time
 import uuid
 from typing import Any, Mapping, Sequence
 
-from medv_jax.data import image_io
 from medv_jax.sampling import api
 from medv_jax.sampling.diffusion import SamplerConfig
 from medv_jax.user_errors import UserError
@@ -243,9 +241,8 @@ def prepare(model: api.Model, body: Any, defaults: SamplerConfig, served_name: s
 
 
 def _request_image(model: api.Model, raw: bytes, media: str, options: Mapping[str, Any]) -> Any:
-    """The preprocessed image of a request's bytes. Pictures are decoded in memory (as the file
-    reader does: fully, then to 8-bit RGB); DICOM, recognised by its media type or its magic,
-    goes through the DICOM file reader. Raises BadRequest."""
+    """The preprocessed image of a request's bytes: a picture decoded in memory, a DICOM (by its
+    media type or its magic) through the DICOM file reader. Raises BadRequest."""
     if media in ("image/dicom", "application/dicom") or raw[128:132] == b"DICM":
         with tempfile.NamedTemporaryFile(suffix=".dcm", delete=False) as handle:
             handle.write(raw)
@@ -255,16 +252,8 @@ def _request_image(model: api.Model, raw: bytes, media: str, options: Mapping[st
             raise BadRequest(str(e).replace(handle.name, "the image"), "image_url") from None
         finally:
             os.unlink(handle.name)
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(raw)) as picture:
-            picture.load()
-            rgb = image_io.to_rgb(picture)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadRequest(f"image_url: cannot read it as an image (PNG, JPEG, ... or DICOM): {e}", "image_url") from None
-    try:
-        return model.image(rgb, name="image_url", **options)
+        return model.image(raw, name="image_url", **options)  # decoded in memory
     except UserError as e:
         raise BadRequest(str(e), "image_url") from None
 
