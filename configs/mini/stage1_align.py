@@ -17,7 +17,9 @@ def get_config():
     c.init_from = f"{MINI_ROOT}/stage0_text/model"
     c.data.task = "caption"
     c.data.text_format = "caption"
-    c.data.max_length = 48
+    # The longest caption is 28 tokens after the 4 image tokens: rows of 36 keep every caption with
+    # at least 4 EOS after it and spend a quarter fewer positions on padding than 48 did.
+    c.data.max_length = 36
     c.data.prompt_length = 48
     c.train.global_batch = 32
     c.train.num_steps = 3500

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from medv_jax.evaluate import conversation, report, run_vqa, sweep, synthetic_reports
+from medv_jax.evaluate import conversation, report, run_vqa, sweep, synthetic_reports, word_probe
 from medv_jax.data.records import load_records, write_json
 from medv_jax.evaluate.response_length import format_length_table, length_stats
 from medv_jax.evaluate.vqa_scoring import (
@@ -145,6 +145,13 @@ def _run_lengths(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_flags(parser: argparse.ArgumentParser) -> None:
+    """The shared model flags of ``medv_jax.sampling.cli`` (checkpoint, tokenizer, dtypes, prompt)."""
+    from medv_jax.sampling import cli
+
+    cli.add_model_args(parser)
+
+
 def generation_flags(parser: argparse.ArgumentParser, gen_length: int, block_length: int, steps: int) -> None:
     """Model and sampler flags (the shared ones of ``medv_jax.sampling.cli``) plus infer's
     batching flags, with the benchmark's paper defaults for the schedule."""
@@ -179,6 +186,8 @@ SUBCOMMANDS: list[Subcommand] = [
                functools.partial(sweep.add_arguments, generation_flags=generation_flags), sweep.run),
     Subcommand("report", "compare run folders side by side with the paper's numbers",
                report.add_arguments, report.run),
+    Subcommand("probe-words", "teacher-forced accuracy of chosen words of the reference answers (what the model reads)",
+               functools.partial(word_probe.add_arguments, model_flags=model_flags), word_probe.run),
     Subcommand("synthetic-questions", "write synthetic findings-report requests with images and scan attributes",
                synthetic_reports.add_arguments, synthetic_reports.run),
 ]
