@@ -158,11 +158,12 @@ def probe_words(
 
 
 def _scene(row: Mapping[str, Any]) -> synthetic.Scene:
+    from medv_jax.evaluate.synthetic_reports import scene_of
+
     if "meta" not in row:
         raise UserError(f"question {row.get('question_id')!r}: --format caption needs the scan's attributes "
                         "(meta), as synthetic-questions writes them")
-    lesions = tuple(synthetic.Lesion(**lesion) for lesion in row["meta"]["lesions"])
-    return synthetic.Scene(row["meta"]["modality"], row["meta"]["region"], lesions)
+    return scene_of(row["meta"])
 
 
 def add_arguments(parser: argparse.ArgumentParser, model_flags: Any) -> None:
@@ -186,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise UserError(f"--questions {args.questions}: no questions in it")
     rows = rows[: args.limit] if args.limit else rows
+    # The words and the rows are checked against the tokenizer before the weights load.
+    word_ids(tok_lib.load_tokenizer(os.path.expanduser(args.tokenizer)), args.words)
+    if args.answer_format == "caption":
+        for row in rows:
+            _scene(row)
     model = generation.load_model(vars(args))
     result = probe_words(model, rows, args.words, image_folder=args.image_folder, answer_format=args.answer_format,
                          gen_length=args.gen_length, batch_size=args.batch_size)
