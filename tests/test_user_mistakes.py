@@ -173,6 +173,7 @@ MISTAKES = [
     ("evaluate lengths: empty answers", "evaluate", "lengths --answers {evaluate}/empty.jsonl", ["--answers", "no answers"]),
     ("evaluate: unknown subcommand", "evaluate", "score --predictions x", ["score"]),
     ("evaluate probe-words: a word of several tokens", "evaluate", "probe-words --checkpoint {checkpoint} --tokenizer {tokenizer} --questions {evaluate}/test.jsonl --words xylophonically", ["--words", "one token each"]),
+    ("evaluate probe-words: canvas shorter than a reference", "evaluate", "probe-words --checkpoint {checkpoint} --tokenizer {tokenizer} --questions {evaluate}/test.jsonl --gen_length 1", ["question 1", "--gen_length 1"]),
     ("evaluate probe-words: captions without scan attributes", "evaluate", "probe-words --checkpoint {checkpoint} --tokenizer {tokenizer} --questions {evaluate}/test.jsonl --format caption", ["--format caption", "meta"]),
     ("evaluate run-vqa: Hugging Face folder as checkpoint", "evaluate", f"run-vqa --checkpoint {{hf}} --tokenizer {{tokenizer}} --questions {{evaluate}}/test.jsonl --image_folder {{images}} --out {{root}}/run_vqa {SAMPLER}", ["Hugging Face"]),
     # train

@@ -58,6 +58,17 @@ def reference_canvas(tokenizer: Any, answer: str, gen_length: int, pad_id: int, 
     return ids + [pad_id] * (gen_length - len(ids))
 
 
+def _reference_of(tokenizer: Any, row: Mapping[str, Any], answer_format: str, gen_length: int) -> list[int]:
+    """``reference_canvas`` of a question row in ``answer_format``; errors name the question."""
+    specials = tok_lib.special_token_ids(tokenizer)
+    try:
+        if answer_format == "caption":
+            return reference_canvas(tokenizer, synthetic.caption(_scene(row)), gen_length, specials.eos, "\n")
+        return reference_canvas(tokenizer, row["answer"], gen_length, specials.eot, tok_lib.EOT_TOKEN)
+    except UserError as e:
+        raise UserError(f"question {row.get('question_id')!r}: {e}") from None
+
+
 def _prompt_row(model: Any, row: Mapping[str, Any], image: Any, answer_format: str) -> Any:
     from medv_jax.data import conversation as conv
     from medv_jax.sampling import multimodal as mm
@@ -117,7 +128,6 @@ def probe_words(
     if not model.takes_images:
         raise UserError("probe-words reads images: give a multimodal checkpoint")
     tok = model.tokenizer
-    specials = tok_lib.special_token_ids(tok)
     targets = sorted(word_ids(tok, words))
     counts: collections.Counter = collections.Counter()
     for start in range(0, len(rows), batch_size):
@@ -125,10 +135,7 @@ def probe_words(
         prompts, canvases = [], []
         for row in chunk:
             image = model.image(os.path.join(image_folder, row["image"]))
-            if answer_format == "caption":
-                canvas = reference_canvas(tok, synthetic.caption(_scene(row)), gen_length, specials.eos, "\n")
-            else:
-                canvas = reference_canvas(tok, row["answer"], gen_length, specials.eot, tok_lib.EOT_TOKEN)
+            canvas = _reference_of(tok, row, answer_format, gen_length)
             prompts.append(_prompt_row(model, row, image, answer_format))
             canvases.append(np.asarray(canvas, np.int32))
         shown = [np.where(np.isin(c, targets), model.lm.mask_token_id, c) for c in canvases]
@@ -161,8 +168,7 @@ def _scene(row: Mapping[str, Any]) -> synthetic.Scene:
     from medv_jax.evaluate.synthetic_reports import scene_of
 
     if "meta" not in row:
-        raise UserError(f"question {row.get('question_id')!r}: --format caption needs the scan's attributes "
-                        "(meta), as synthetic-questions writes them")
+        raise UserError("--format caption needs the scan's attributes (meta), as synthetic-questions writes them")
     return scene_of(row["meta"])
 
 
@@ -188,10 +194,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--questions {args.questions}: no questions in it")
     rows = rows[: args.limit] if args.limit else rows
     # The words and the rows are checked against the tokenizer before the weights load.
-    word_ids(tok_lib.load_tokenizer(os.path.expanduser(args.tokenizer)), args.words)
-    if args.answer_format == "caption":
-        for row in rows:
-            _scene(row)
+    tokenizer = tok_lib.load_tokenizer(os.path.expanduser(args.tokenizer))
+    word_ids(tokenizer, args.words)
+    for row in rows:
+        _reference_of(tokenizer, row, args.answer_format, args.gen_length)
     model = generation.load_model(vars(args))
     result = probe_words(model, rows, args.words, image_folder=args.image_folder, answer_format=args.answer_format,
                          gen_length=args.gen_length, batch_size=args.batch_size)
