@@ -400,6 +400,17 @@ _ANATOMY = {
 # restated the findings trained models to write a likely report instead; docs/mini_recipe.md).
 _SIDE_FORMS = ("The {side} side shows {what}.", "{Side} side: {what}.")
 REPORT_FIELDS = ("modality", "region", "count", "left", "right")
+# How a report's sentence forms are chosen: "varied", a coin flip per sentence; "house", fixed by
+# the exam type (modality and region), as a department's report templates are. A house-style report
+# is a function of the scan, so a model has no near-equal choices of wording to make and samplers
+# can be compared word for word (docs/mini_recipe.md); the scans and the words are the same.
+REPORT_WORDINGS = ("varied", "house")
+
+
+def _house_forms(scene: Scene) -> tuple[int, int]:
+    """(study form, side form) of `scene`'s exam type: every form is some exam type's style."""
+    k = MODALITIES.index(scene.modality) + REGIONS.index(scene.region)
+    return k % len(_STUDY_FORMS), k % len(_SIDE_FORMS)
 
 
 def _sizes_phrase(sizes: Sequence[str]) -> str:
@@ -414,16 +425,23 @@ def _sizes_phrase(sizes: Sequence[str]) -> str:
     return " and ".join(parts) + " lesion" + ("s" if n > 2 else "")
 
 
-def report(scene: Scene, rng: np.random.Generator) -> str:
+def report(scene: Scene, rng: np.random.Generator, wording: str = "varied") -> str:
     """A findings report of `scene` (26-38 tokens with the demo tokenizer): the study (modality,
     region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
-    every lesion fact stated once. The wording varies with `rng`; `parse_report` reads it back."""
-    pick = lambda forms: forms[rng.integers(len(forms))]  # noqa: E731
-    out = [pick(_STUDY_FORMS).format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
-                                     r=scene.region),
+    every lesion fact stated once; `parse_report` reads it back. `wording` (REPORT_WORDINGS):
+    "varied" draws each sentence's form from `rng`, "house" takes the exam type's forms. Both
+    draw the same numbers from `rng`, so what is drawn after the report does not depend on it."""
+    if wording not in REPORT_WORDINGS:
+        raise ValueError(f"report wording must be one of {REPORT_WORDINGS}, got {wording!r}")
+    drawn = (int(rng.integers(len(_STUDY_FORMS))), *(int(rng.integers(len(_SIDE_FORMS))) for _ in SIDES))
+    if wording == "house":
+        study, side_form = _house_forms(scene)
+        drawn = (study, *(side_form for _ in SIDES))
+    out = [_STUDY_FORMS[drawn[0]].format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
+                                         r=scene.region),
            _ANATOMY[scene.region]]
-    for side in SIDES:
-        out.append(pick(_SIDE_FORMS).format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
+    for side, form in zip(SIDES, drawn[1:]):
+        out.append(_SIDE_FORMS[form].format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
     return " ".join(out)
 
 
@@ -513,6 +531,8 @@ class SyntheticConfig:
     layout: where lesions lie: "free" (anywhere in their side's half, the demo's scans) or "slots"
       (one of two fixed slots per side, each inside one quadrant, a 32 px patch at 64 px; the miniature
       recipe's scans, see `_place_lesions`).
+    report_wording: how the reports' sentence forms are chosen (REPORT_WORDINGS, see `report`):
+      "varied" (a coin flip per sentence) or "house" (the exam type's forms).
     turns: question-answer turns per vqa record, all about the same image (a multi-turn dialogue
       as in LLaVA-Med's instruction data). The first turn is drawn exactly as a single-turn record
       (balanced answers); later turns ask further, distinct questions (closed or open as above)
@@ -527,11 +547,14 @@ class SyntheticConfig:
     open_families: tuple[str, ...] = OPEN_FAMILIES
     turns: int = 1
     layout: str = "free"
+    report_wording: str = "varied"
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         _check_layout(self.layout)
+        if self.report_wording not in REPORT_WORDINGS:
+            raise ValueError(f"report_wording must be one of {REPORT_WORDINGS}, got {self.report_wording!r}")
         for f in self.closed_families:
             if f not in CLOSED_FAMILIES:
                 raise ValueError(f"unknown closed family {f!r}; known: {CLOSED_FAMILIES}")
@@ -599,7 +622,8 @@ class SyntheticMedVQA:
             scene = sample_scene(rng, self.config.layout)
             request = REPORT_REQUESTS[rng.integers(len(REPORT_REQUESTS))]
             question = f"{caption(scene)}\n{request}" if self.config.task == "text" else request
-            out = dict(scene=scene, question=question, answer=report(scene, rng), answer_type="report",
+            out = dict(scene=scene, question=question, answer=report(scene, rng, self.config.report_wording),
+                       answer_type="report",
                        question_type="report")
             if self.config.turns > 1:
                 # The report is asked at a uniformly drawn turn, the follow-ups around it: a report

@@ -1,7 +1,7 @@
 """Findings reports of the built-in synthetic set as a benchmark: a question file with images (each
 row carrying its scan's attributes), answering through infer, and field accuracy.
 
-    python -m medv_jax.evaluate synthetic-questions --task report --layout slots --num 200 --out reports200
+    python -m medv_jax.evaluate synthetic-questions --task report --layout slots --report_wording house --num 200 --out reports200
     python -m medv_jax.evaluate sweep --task report --questions reports200/questions.jsonl \\
         --image_folder reports200 --checkpoint workdir/mini/stage2_instruct/model \\
         --tokenizer workdir/mini/stage2_instruct/tokenizer --system_prompt none --out sweep_reports \\
@@ -29,13 +29,14 @@ __all__ = ["write_question_set", "scene_of", "score_reports", "run_reports", "ad
 
 
 def write_question_set(out: str, num: int, seed: int = 0, split: str = "test", task: str = "report",
-                       layout: str = "free") -> str:
+                       layout: str = "free", report_wording: str = "varied") -> str:
     """``out/questions.jsonl`` and ``out/images/*.png`` for records 0..num-1 of the synthetic split;
     each row holds ``question_id``, ``image``, ``text`` (the request), ``answer`` (a reference
     report) and ``meta`` (the scan's attributes). Returns the question file's path."""
     if num < 1:
         raise ValueError(f"--num={num}: give at least one question")
-    source = synthetic.SyntheticMedVQA(split, num, seed=seed, task=task, layout=layout)
+    source = synthetic.SyntheticMedVQA(split, num, seed=seed, task=task, layout=layout,
+                                       report_wording=report_wording)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = []
     for i in range(num):
@@ -114,9 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["report"], default="report", help="what the questions ask")
     parser.add_argument("--layout", choices=synthetic.LAYOUTS, default="free",
                         help="where lesions lie (the miniature recipe trains on 'slots')")
+    parser.add_argument("--report_wording", choices=synthetic.REPORT_WORDINGS, default="varied",
+                        help="the reference reports' sentence forms (the miniature recipe trains on 'house')")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = write_question_set(args.out, args.num, args.seed, args.split, args.task, args.layout)
+    path = write_question_set(args.out, args.num, args.seed, args.split, args.task, args.layout,
+                              args.report_wording)
     print(json.dumps({"questions": path, "images": os.path.join(args.out, "images"), "num": args.num}))
     return 0

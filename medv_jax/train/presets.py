@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.closed_families = ()  # synthetic only: subsets of synthetic.CLOSED_FAMILIES (() = all)
     c.data.open_families = ()  # ... and of synthetic.OPEN_FAMILIES
     c.data.layout = "free"  # synthetic only: where lesions lie ("free" | "slots"; synthetic.LAYOUTS)
+    c.data.report_wording = "varied"  # synthetic reports: "varied" | "house" (synthetic.REPORT_WORDINGS)
     c.data.seed = 0
     c.data.text_format = "conversation"  # | "caption" (stage 1)
     c.data.system_prompt = "medical"  # | "general" | "none" | any text
@@ -239,6 +240,9 @@ def mini_config(stage: str):
     c.workdir = f"{MINI_ROOT}/{stage}"
     c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)
     c.data.layout = "slots"  # each lesion in one quadrant of its side (synthetic.SyntheticConfig.layout)
+    # Each exam type's reports in one house style: the report is a function of the scan, so the
+    # fast sampling modes can be held to the exact sampler's words (docs/mini_recipe.md).
+    c.data.report_wording = "house"
     # 32 px patches: 4 image tokens, one per quadrant, so each lesion is one token's finding; with
     # 16 px patches the tiny model confused the sides (docs/mini_recipe.md, "Lesion reading").
     c.model.vision_overrides.patch_size = 32

@@ -88,6 +88,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.data.source={d.source!r}: expected 'synthetic', 'json' or 'tfds'")
     elif d.get("layout", "free") not in synthetic.LAYOUTS:
         raise UserError(f"config.data.layout={d.layout!r}: expected one of {', '.join(synthetic.LAYOUTS)}")
+    elif d.get("report_wording", "varied") not in synthetic.REPORT_WORDINGS:
+        raise UserError(f"config.data.report_wording={d.report_wording!r}: expected one of "
+                        f"{', '.join(synthetic.REPORT_WORDINGS)}")
     if not config.tokenizer:
         raise UserError("config.tokenizer is not set: give the tokenizer folder (e.g. the LLaDA-MedV download), "
                         "--config.tokenizer=DIR")
@@ -208,7 +211,8 @@ def data_sources(config: ml_collections.ConfigDict):
     if d.source == "synthetic":
         # Extra dialogue turns are a training device: the test split keeps one question per image,
         # as in the VQA benchmarks.
-        kw = dict(task=d.task, closed_fraction=d.get("closed_fraction", 0.5), layout=d.get("layout", "free"))
+        kw = dict(task=d.task, closed_fraction=d.get("closed_fraction", 0.5), layout=d.get("layout", "free"),
+                  report_wording=d.get("report_wording", "varied"))
         for name in ("closed_families", "open_families"):  # () = all families
             if d.get(name):
                 kw[name] = tuple(d.get(name))

@@ -302,9 +302,57 @@ def test_every_report_parses_back_to_its_scene_and_fits_24_to_64_tokens(tmp_path
         assert S.parse_report(text) == S.report_fields(scene), text
         assert S.field_accuracy(text, scene) == 1.0
         lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
-        forms.add(tuple(sentence.split(" ")[0] for sentence in text.split(". ")))
+        forms.add(_forms(text))
     assert 24 <= min(lengths) and max(lengths) <= 64, (min(lengths), max(lengths))
     assert len(forms) >= 6  # the wording varies: each side's form and the study's
+
+
+def _forms(text):
+    """The first word of each sentence: which form each sentence of a report takes."""
+    return tuple(sentence.split(" ")[0] for sentence in text.split(". "))
+
+
+def test_house_reports_are_a_function_of_the_exam_type_and_use_every_form(tmp_path):
+    tok = S.load_demo_tokenizer(tmp_path, reports=True)
+    rng = np.random.default_rng(5)
+    style, lengths = {}, []
+    for _ in range(400):
+        scene = S.sample_scene(rng, "slots")
+        text = S.report(scene, rng, "house")
+        assert S.parse_report(text) == S.report_fields(scene), text
+        lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
+        # Another draw of the rng does not change a house-style report.
+        assert S.report(scene, np.random.default_rng(rng.integers(1 << 30)), "house") == text
+        form = _forms(text)
+        assert (form[2] == "The") == (form[3] == "The")  # the left and right sentences take the same form
+        house = (form[0], form[2] == "The")
+        assert style.setdefault((scene.modality, scene.region), house) == house
+    assert len(style) == 9  # every exam type came up
+    studies = {S._house_forms(S.Scene(m, r, ()))[0] for m in S.MODALITIES for r in S.REGIONS}
+    sides = {S._house_forms(S.Scene(m, r, ()))[1] for m in S.MODALITIES for r in S.REGIONS}
+    assert studies == {0, 1, 2} and sides == {0, 1}  # every form is some exam type's style
+    assert 24 <= min(lengths) and max(lengths) <= 64
+
+
+def test_report_wording_changes_only_the_words():
+    """Records of the two wordings hold the same scans, images and follow-up turns."""
+    kw = dict(task="report", layout="slots", turns=2)
+    varied = S.SyntheticMedVQA("train", 50, seed=3, **kw)
+    house = S.SyntheticMedVQA("train", 50, seed=3, report_wording="house", **kw)
+    differ = 0
+    for i in range(50):
+        a, b = varied[i], house[i]
+        assert a["meta"] == b["meta"]
+        np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        assert [t["value"] for t in a["conversations"][::2]] == [t["value"] for t in b["conversations"][::2]]
+        reports = [(x["value"], y["value"]) for x, y in zip(a["conversations"][1::2], b["conversations"][1::2])
+                   if x["value"] != y["value"]]
+        for x, y in reports:
+            assert S.parse_report(x) == S.parse_report(y)
+        differ += bool(reports)
+    assert differ > 10  # the coin flips and the house style disagree often
+    with pytest.raises(ValueError, match="report_wording"):
+        S.SyntheticConfig(report_wording="plain")
 
 
 def _scene(modality="ct", region="chest", lesions=()):

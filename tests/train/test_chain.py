@@ -30,7 +30,7 @@ TINY = [
 TRAINS = {
     "stage0_text": {"lm"},  # text only: the language model's pretraining
     "stage1_align": {"lm", "projector", "vision"},  # captions; the from-scratch tower learns here
-    "stage2_instruct": {"lm", "projector", "vision"},  # the tower at a fifth of the rate (configs/mini/stage2_instruct.py)
+    "stage2_instruct": {"lm", "projector", "vision"},  # the tower at a tenth of the rate (configs/mini/stage2_instruct.py)
     "stage3_vqa": {"lm", "projector"},  # vision frozen, as in the paper
 }
 
