@@ -1,7 +1,7 @@
 """Findings reports of the built-in synthetic set as a benchmark: a question file with images (each
 row carrying its scan's attributes), answering through infer, and field accuracy.
 
-    python -m medv_jax.evaluate synthetic-questions --task report --layout slots --report_wording house --num 200 --out reports200
+    python -m medv_jax.evaluate synthetic-questions --task report --layout slots --num 200 --out reports200
     python -m medv_jax.evaluate sweep --task report --questions reports200/questions.jsonl \\
         --image_folder reports200 --checkpoint workdir/mini/stage2_instruct/model \\
         --tokenizer workdir/mini/stage2_instruct/tokenizer --system_prompt none --out sweep_reports \\
@@ -116,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=synthetic.LAYOUTS, default="free",
                         help="where lesions lie (the miniature recipe trains on 'slots')")
     parser.add_argument("--report_wording", choices=synthetic.REPORT_WORDINGS, default="varied",
-                        help="the reference reports' sentence forms (the miniature recipe trains on 'house')")
+                        help="the reference reports' sentence forms (as the model's training data has them)")
 
 
 def run(args: argparse.Namespace) -> int:

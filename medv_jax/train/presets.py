@@ -240,9 +240,6 @@ def mini_config(stage: str):
     c.workdir = f"{MINI_ROOT}/{stage}"
     c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)
     c.data.layout = "slots"  # each lesion in one quadrant of its side (synthetic.SyntheticConfig.layout)
-    # Each exam type's reports in one house style: the report is a function of the scan, so the
-    # fast sampling modes can be held to the exact sampler's words (docs/mini_recipe.md).
-    c.data.report_wording = "house"
     # 32 px patches: 4 image tokens, one per quadrant, so each lesion is one token's finding; with
     # 16 px patches the tiny model confused the sides (docs/mini_recipe.md, "Lesion reading").
     c.model.vision_overrides.patch_size = 32
