@@ -18,6 +18,11 @@ STEPS, EVERY = 12, 4
 # Cross-process reductions (gloo) add in another order than the in-process ones: the runs agree
 # to float32 rounding, not bit for bit.
 RTOL, PARAM_ATOL = 2e-6, 2e-5
+# A key bias adds the same q.b to every key's logit of a query, which softmax cancels: its gradient
+# is rounding noise, which Adam scales into steps whose sign differs between the two reduction orders.
+# Those leaves are only checked to stay at noise level.
+NOISE_ONLY = "k_proj']['bias']"
+NOISE_LEVEL = 1e-3
 RUN_TIMEOUT = 420
 
 
@@ -67,8 +72,15 @@ def test_two_processes_match_one_process(runs):
     assert sorted(_losses(runs[1])) == list(range(1, STEPS + 1))
     one, two = _params(runs[1]), _params(runs[2])
     assert jax.tree_util.tree_structure(one) == jax.tree_util.tree_structure(two)
-    for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=PARAM_ATOL)
+    compared = 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree_util.tree_leaves(two)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if jax.tree_util.keystr(path).endswith(NOISE_ONLY):
+            assert np.abs(a).max() < NOISE_LEVEL and np.abs(b).max() < NOISE_LEVEL, jax.tree_util.keystr(path)
+            continue
+        np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path))
+        compared += 1
+    assert compared > 10
     # The runs moved the params: equal params are not two untouched initialisations.
     losses = _losses(runs[1])
     assert losses[STEPS] < losses[1] - 0.5
