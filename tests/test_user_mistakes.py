@@ -190,6 +190,7 @@ MISTAKES = [
     ("train: mask time floor out of range", "train", f"{TRAIN} --config.train.mask_time_floor=1.0", ["config.train.mask_time_floor", "[0, 1)"]),
     ("train: mask span fraction out of range", "train", f"{TRAIN} --config.train.mask_span_fraction=1.5", ["config.train.mask_span_fraction", "[0, 1]"]),
     ("train: unknown lesion layout", "train", f"{TRAIN} --config.data.layout=grid", ["config.data.layout", "'grid'", "slots"]),
+    ("train: log every zero steps", "train", f"{TRAIN} --config.train.log_every=0", ["config.train.log_every", ">= 1"]),
     ("train: unknown report wording", "train", f"{TRAIN} --config.data.report_wording=plain", ["config.data.report_wording", "'plain'", "house"]),
     ("train: unknown preset", "train", f"{TRAIN} --config.model.lm_preset=llada_tiniest", ["config.model.lm_preset", "llada_tiny"]),
     # serve

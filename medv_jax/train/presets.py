@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.mask_span_fraction = 0.0
     c.train.log_every = 1
     c.train.eval_every = 500
-    c.train.checkpoint_every = 500
+    c.train.checkpoint_every = 500  # 0: only at the end (and on SIGTERM)
     c.train.keep_checkpoints = 2
 
     # The paper's table of training settings leaves the learning rates blank: these follow the

@@ -111,6 +111,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= span <= 1.0:
         raise UserError(f"config.train.mask_span_fraction={span}: must be in [0, 1] (the share of rows given a "
                         "span mask; 0 = the reference's masks)")
+    if config.train.get("log_every", 1) < 1:
+        raise UserError(f"config.train.log_every={config.train.log_every}: must be >= 1 (steps between log lines)")
+    for field in ("checkpoint_every", "eval_every"):
+        if config.train.get(field, 0) < 0:
+            raise UserError(f"config.train.{field}={config.train.get(field)}: must be >= 0 (0 = only at the end"
+                            + (")" if field == "checkpoint_every" else ": never)"))
     for field, presets in (("lm_preset", llada.LLADA_PRESETS), ("vision_preset", siglip.SIGLIP_PRESETS)):
         name = config.model.get(field)
         if name not in presets:
@@ -493,7 +499,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             bar.update(1)
             if eval_batches and t.eval_every and step % t.eval_every == 0:
                 log.write(step, {"loss": _held_out_loss(eval_loss, state, eval_batches, mesh)}, "eval")
-            if step % t.checkpoint_every == 0 or step == total_steps or preempt.requested:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total_steps or preempt.requested:
                 save_checkpoint(manager, step, state.replace(frozen={}) if slim else state, next_batch,
                                 base=config.init_from if slim else None)
             if preempt.requested:

@@ -127,6 +127,13 @@ def test_sigterm_saves_then_exits(tmp_path):
     assert saved and max(saved) >= 3
 
 
+def test_checkpoint_every_zero_saves_at_the_end_only(tmp_path):
+    _run(tmp_path, "--config.train.num_steps=5", "--config.train.checkpoint_every=0")
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved == [5]
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5]
+
+
 def test_non_finite_loss_stops_with_step_and_ids(tmp_path):
     result = _run(tmp_path, "--config.train.num_steps=30", "--config.optim.lr=1e12",
                   "--config.optim.max_grad_norm=0", "--config.optim.warmup_ratio=0", check=False)
