@@ -243,6 +243,8 @@ def mini_config(stage: str):
     # 32 px patches: 4 image tokens, one per quadrant, so each lesion is one token's finding; with
     # 16 px patches the tiny model confused the sides (docs/mini_recipe.md, "Lesion reading").
     c.model.vision_overrides.patch_size = 32
+    # Reports whose length is fixed by the exam type (synthetic.REPORT_WORDINGS, docs/mini_recipe.md).
+    c.data.report_wording = "templated"
     c.data.test_size = 200
     c.train.log_every = 50
     c.train.eval_every = 0

@@ -334,11 +334,54 @@ def test_house_reports_are_a_function_of_the_exam_type_and_use_every_form(tmp_pa
     assert 24 <= min(lengths) and max(lengths) <= 64
 
 
+def _every_lesion_set(side):
+    """Each side's possible lesions: none, one or two, of either size."""
+    sizes = [(), ("small",), ("large",), ("small", "small"), ("small", "large"), ("large", "large")]
+    return [tuple((side, z) for z in group) for group in sizes]
+
+
+def test_templated_reports_have_the_exam_types_length_and_count_each_size(tmp_path):
+    tok = S.load_demo_tokenizer(tmp_path, reports=True)
+    rng = np.random.default_rng(2)
+    length_of = {}
+    for modality in S.MODALITIES:
+        for region in S.REGIONS:
+            for left in _every_lesion_set("left"):
+                for right in _every_lesion_set("right"):
+                    scene = _scene(modality, region, left + right)
+                    text = S.report(scene, rng, "templated")
+                    assert S.parse_report(text) == S.report_fields(scene), text
+                    assert text.split(" ")[0] == S._MODALITY_DISPLAY[modality]  # the modality first
+                    n = len(tok(text, add_special_tokens=False)["input_ids"])
+                    # What the sides show never changes the length: the exam type alone sets it.
+                    assert length_of.setdefault((modality, region), n) == n, text
+    assert 24 <= min(length_of.values()) and max(length_of.values()) <= 64
+    assert len(set(length_of.values())) > 1  # the exam types' templates differ
+    both = S.report(_scene("mri", "brain", (("left", "small"), ("left", "large"))), rng, "templated")
+    assert "Left side: one small and one large lesions." in both or "left side shows one small and one" in both
+    assert "no small and no large lesions" in both
+
+
+def test_templated_findings_that_cannot_be_are_not_read():
+    base = "CT scan of the chest. Both lungs and the heart are visible. "
+    fine = S.parse_report(base + "Left side: two small and no large lesions. Right side: no small and no large lesions.")
+    assert fine["left"] == (2, ("small", "small")) and fine["right"] == (0, ()) and fine["count"] == 2
+    # Three lesions on one side do not fit its two slots: not a finding the scans can have.
+    over = S.parse_report(base + "Left side: two small and one large lesions. Right side: no small and no large lesions.")
+    assert over["left"] is None and over["count"] is None
+
+
 def test_report_wording_changes_only_the_words():
-    """Records of the two wordings hold the same scans, images and follow-up turns."""
+    """Records of the wordings hold the same scans, images and follow-up turns."""
     kw = dict(task="report", layout="slots", turns=2)
     varied = S.SyntheticMedVQA("train", 50, seed=3, **kw)
-    house = S.SyntheticMedVQA("train", 50, seed=3, report_wording="house", **kw)
+    for wording in ("house", "templated"):
+        _assert_same_records_other_words(varied, S.SyntheticMedVQA("train", 50, seed=3, report_wording=wording, **kw))
+    with pytest.raises(ValueError, match="report_wording"):
+        S.SyntheticConfig(report_wording="plain")
+
+
+def _assert_same_records_other_words(varied, house):
     differ = 0
     for i in range(50):
         a, b = varied[i], house[i]
@@ -350,9 +393,7 @@ def test_report_wording_changes_only_the_words():
         for x, y in reports:
             assert S.parse_report(x) == S.parse_report(y)
         differ += bool(reports)
-    assert differ > 10  # the coin flips and the house style disagree often
-    with pytest.raises(ValueError, match="report_wording"):
-        S.SyntheticConfig(report_wording="plain")
+    assert differ > 10  # the coin flips and the other wording disagree often
 
 
 def _scene(modality="ct", region="chest", lesions=()):
