@@ -191,6 +191,7 @@ MISTAKES = [
     ("train: mask span fraction out of range", "train", f"{TRAIN} --config.train.mask_span_fraction=1.5", ["config.train.mask_span_fraction", "[0, 1]"]),
     ("train: unknown lesion layout", "train", f"{TRAIN} --config.data.layout=grid", ["config.data.layout", "'grid'", "slots"]),
     ("train: log every zero steps", "train", f"{TRAIN} --config.train.log_every=0", ["config.train.log_every", ">= 1"]),
+    ("train: report_alone out of range", "train", f"{TRAIN} --config.data.report_alone=2.0", ["config.data.report_alone", "[0, 1]"]),
     ("train: unknown report wording", "train", f"{TRAIN} --config.data.report_wording=plain", ["config.data.report_wording", "'plain'", "house"]),
     ("train: unknown preset", "train", f"{TRAIN} --config.model.lm_preset=llada_tiniest", ["config.model.lm_preset", "llada_tiny"]),
     # serve

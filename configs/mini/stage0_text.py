@@ -16,6 +16,6 @@ def get_config():
     c.data.max_length = 128
     c.data.prompt_length = 64
     c.train.global_batch = 32
-    c.train.num_steps = 300
+    c.train.num_steps = 200
     c.optim.param_groups = LM_ONLY
     return c

@@ -18,11 +18,14 @@ def get_config():
     c.init_from = f"{MINI_ROOT}/stage1_align/model"
     c.data.task = "report"
     c.data.turns = 2
+    # Half the reports asked alone, followed by nothing but the stop-token padding: the state the
+    # sampler starts from (docs/mini_recipe.md).
+    c.data.report_alone = 0.5
     c.data.max_length = 120
     c.data.answer_padding = "eot"
     c.data.prompt_length = 64
     c.train.global_batch = 32
-    c.train.num_steps = 1500
+    c.train.num_steps = 1350
     # Half the rows masked as one contiguous run of the answer: the states the sampler passes
     # through (the report's start written, the rest masked, stop tokens further right), which
     # i.i.d. masks almost never show; without them reports carried extra side sentences

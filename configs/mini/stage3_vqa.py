@@ -14,7 +14,7 @@ def get_config():
     c.data.prompt_length = 48
     c.data.test_size = 400
     c.train.global_batch = 32
-    c.train.num_steps = 300
+    c.train.num_steps = 200
     c.optim.param_groups = LM_AND_PROJECTOR
     c.eval.num_examples = 400
     c.eval.batch_size = 50

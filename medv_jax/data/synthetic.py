@@ -404,25 +404,16 @@ REPORT_FIELDS = ("modality", "region", "count", "left", "right")
 # the exam type (modality and region), as a department's report templates are. A house-style report
 # is a function of the scan, so a model has no near-equal choices of wording to make and samplers
 # can be compared word for word (docs/mini_recipe.md); the scans and the words are the same.
-# "templated": the exam type's template, written so that a report's length is fixed by its exam type:
-# the modality first (no article to agree with it), one noun per exam type, and each side's findings
-# counted by size ("no small and two large lesions", six words whatever the side shows). A sampler
-# then knows where a report ends before it has read the lesions (docs/mini_recipe.md).
+# "templated": the exam type's forms as "house", with the modality first in its sentence ("MRI image
+# of the chest."): no article that has to agree with a modality not yet written.
 REPORT_WORDINGS = ("varied", "house", "templated")
 _TEMPLATED_STUDY_FORMS = ("{m} scan of the {r}.", "{m} image of the {r}.", "{m} study of the {r}.")
-_SIZE_COUNT_WORDS = ("no", "one", "two")
 
 
 def _house_forms(scene: Scene) -> tuple[int, int]:
     """(study form, side form) of `scene`'s exam type: every form is some exam type's style."""
     k = MODALITIES.index(scene.modality) + REGIONS.index(scene.region)
     return k % len(_STUDY_FORMS), k % len(_SIDE_FORMS)
-
-
-def _counted_phrase(scene: Scene, side: str) -> str:
-    """A side's lesions counted by size, six words whatever they are: "no small and two large lesions"."""
-    counts = [sum(l.side == side and l.size == z for l in scene.lesions) for z in SIZES]
-    return " and ".join(f"{_SIZE_COUNT_WORDS[k]} {z}" for k, z in zip(counts, SIZES)) + " lesions"
 
 
 def _sizes_phrase(sizes: Sequence[str]) -> str:
@@ -442,7 +433,7 @@ def report(scene: Scene, rng: np.random.Generator, wording: str = "varied") -> s
     region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
     every lesion fact stated once; `parse_report` reads it back. `wording` (REPORT_WORDINGS):
     "varied" draws each sentence's form from `rng`, "house" takes the exam type's forms,
-    "templated" the exam type's template with counted findings (see REPORT_WORDINGS). All draw
+    "templated" the same with the modality first (see REPORT_WORDINGS). All draw
     the same numbers from `rng`, so what is drawn after the report does not depend on it."""
     if wording not in REPORT_WORDINGS:
         raise ValueError(f"report wording must be one of {REPORT_WORDINGS}, got {wording!r}")
@@ -450,14 +441,8 @@ def report(scene: Scene, rng: np.random.Generator, wording: str = "varied") -> s
     if wording != "varied":
         study, side_form = _house_forms(scene)
         drawn = (study, *(side_form for _ in SIDES))
-    if wording == "templated":
-        out = [_TEMPLATED_STUDY_FORMS[drawn[0]].format(m=_MODALITY_DISPLAY[scene.modality], r=scene.region),
-               _ANATOMY[scene.region]]
-        out += [_SIDE_FORMS[form].format(side=side, Side=side.capitalize(), what=_counted_phrase(scene, side))
-                for side, form in zip(SIDES, drawn[1:])]
-        return " ".join(out)
-    out = [_STUDY_FORMS[drawn[0]].format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality],
-                                         r=scene.region),
+    forms = _TEMPLATED_STUDY_FORMS if wording == "templated" else _STUDY_FORMS
+    out = [forms[drawn[0]].format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality], r=scene.region),
            _ANATOMY[scene.region]]
     for side, form in zip(SIDES, drawn[1:]):
         out.append(_SIDE_FORMS[form].format(side=side, Side=side.capitalize(), what=side_findings(scene, side)))
@@ -467,17 +452,12 @@ def report(scene: Scene, rng: np.random.Generator, wording: str = "varied") -> s
 _WORD_NUMBERS = {w: i for i, w in enumerate(COUNT_WORDS)}
 _SIDE_SENTENCE = re.compile(r"(?:the (left|right) side shows|(left|right) side:) (.*)")
 _SIZED = re.compile(r"\b(one|two|three) (small|large)\b")
-_COUNTED = re.compile(r"(no|one|two) small and (no|one|two) large lesions")
 
 
 def _side_finding(what: str) -> tuple[int, tuple[str, ...]] | None:
     """(count, sorted sizes) of a side's finding in the reports' words; None if it is not one."""
     if what == "no lesions":
         return 0, ()
-    counted = _COUNTED.fullmatch(what)
-    if counted:
-        small, large = (_SIZE_COUNT_WORDS.index(w) for w in counted.groups())
-        return (small + large, ("large",) * large + ("small",) * small) if small + large <= MAX_PER_SIDE else None
     if what not in SIDE_FINDINGS:
         return None
     sizes = [(z, _WORD_NUMBERS[w]) for w, z in _SIZED.findall(what)]
@@ -556,8 +536,10 @@ class SyntheticConfig:
       (one of two fixed slots per side, each inside one quadrant, a 32 px patch at 64 px; the miniature
       recipe's scans, see `_place_lesions`).
     report_wording: how the reports' sentence forms are chosen (REPORT_WORDINGS, see `report`):
-      "varied" (a coin flip per sentence), "house" (the exam type's forms) or "templated" (the exam
-      type's template, findings counted by size).
+      "varied" (a coin flip per sentence), "house" (the exam type's forms) or "templated" (the same,
+      the modality first).
+    report_alone: with `turns` > 1, the share of report records whose report is asked alone, in
+      one turn followed by nothing, as a report is asked at inference; the others are dialogues.
     turns: question-answer turns per vqa record, all about the same image (a multi-turn dialogue
       as in LLaVA-Med's instruction data). The first turn is drawn exactly as a single-turn record
       (balanced answers); later turns ask further, distinct questions (closed or open as above)
@@ -573,6 +555,7 @@ class SyntheticConfig:
     turns: int = 1
     layout: str = "free"
     report_wording: str = "varied"
+    report_alone: float = 0.0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -594,6 +577,8 @@ class SyntheticConfig:
             raise ValueError("open questions requested but no open family given")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if not 0.0 <= self.report_alone <= 1.0:
+            raise ValueError(f"report_alone must be in [0, 1], got {self.report_alone}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -650,7 +635,10 @@ class SyntheticMedVQA:
             out = dict(scene=scene, question=question, answer=report(scene, rng, self.config.report_wording),
                        answer_type="report",
                        question_type="report")
-            if self.config.turns > 1:
+            # (drawn only for dialogues that ask for it: other records, test splits included, stay
+            # as they were)
+            alone = self.config.turns > 1 and self.config.report_alone > 0 and rng.uniform() < self.config.report_alone
+            if self.config.turns > 1 and not alone:
                 # The report is asked at a uniformly drawn turn, the follow-ups around it: a report
                 # that ends a dialogue is followed by the end-of-text padding, as at inference when
                 # it is asked first and answered on an open canvas; one that does not is followed by
@@ -742,7 +730,7 @@ def vocabulary(include_chat_roles: bool = True, reports: bool = False) -> list[s
     texts: list[str] = ["Describe the image briefly.", "yes no"]
     if reports:
         texts += list(REPORT_REQUESTS) + list(_STUDY_FORMS) + list(_ANATOMY.values()) + list(_SIDE_FORMS)
-        texts += list(_TEMPLATED_STUDY_FORMS) + list(_SIZE_COUNT_WORDS)
+        texts += list(_TEMPLATED_STUDY_FORMS)
         # Words of an earlier report wording, kept so that the reports tokenizer's ids stay those
         # the miniature recipe's results were measured with (ids change what a tiny model learns).
         texts += ["impression abnormal"]

@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.closed_families = ()  # synthetic only: subsets of synthetic.CLOSED_FAMILIES (() = all)
     c.data.open_families = ()  # ... and of synthetic.OPEN_FAMILIES
     c.data.layout = "free"  # synthetic only: where lesions lie ("free" | "slots"; synthetic.LAYOUTS)
-    c.data.report_wording = "varied"  # synthetic reports: "varied" | "house" (synthetic.REPORT_WORDINGS)
+    c.data.report_wording = "varied"  # synthetic reports: "varied" | "house" | "templated" (synthetic.REPORT_WORDINGS)
+    c.data.report_alone = 0.0  # synthetic reports with turns > 1: share asked alone, in one turn
     c.data.seed = 0
     c.data.text_format = "conversation"  # | "caption" (stage 1)
     c.data.system_prompt = "medical"  # | "general" | "none" | any text

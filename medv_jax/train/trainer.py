@@ -91,6 +91,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     elif d.get("report_wording", "varied") not in synthetic.REPORT_WORDINGS:
         raise UserError(f"config.data.report_wording={d.report_wording!r}: expected one of "
                         f"{', '.join(synthetic.REPORT_WORDINGS)}")
+    elif not 0.0 <= d.get("report_alone", 0.0) <= 1.0:
+        raise UserError(f"config.data.report_alone={d.report_alone}: expected a share in [0, 1]")
     if not config.tokenizer:
         raise UserError("config.tokenizer is not set: give the tokenizer folder (e.g. the LLaDA-MedV download), "
                         "--config.tokenizer=DIR")
@@ -218,7 +220,7 @@ def data_sources(config: ml_collections.ConfigDict):
         # Extra dialogue turns are a training device: the test split keeps one question per image,
         # as in the VQA benchmarks.
         kw = dict(task=d.task, closed_fraction=d.get("closed_fraction", 0.5), layout=d.get("layout", "free"),
-                  report_wording=d.get("report_wording", "varied"))
+                  report_wording=d.get("report_wording", "varied"), report_alone=d.get("report_alone", 0.0))
         for name in ("closed_families", "open_families"):  # () = all families
             if d.get(name):
                 kw[name] = tuple(d.get(name))

@@ -334,41 +334,37 @@ def test_house_reports_are_a_function_of_the_exam_type_and_use_every_form(tmp_pa
     assert 24 <= min(lengths) and max(lengths) <= 64
 
 
-def _every_lesion_set(side):
-    """Each side's possible lesions: none, one or two, of either size."""
-    sizes = [(), ("small",), ("large",), ("small", "small"), ("small", "large"), ("large", "large")]
-    return [tuple((side, z) for z in group) for group in sizes]
-
-
-def test_templated_reports_have_the_exam_types_length_and_count_each_size(tmp_path):
-    tok = S.load_demo_tokenizer(tmp_path, reports=True)
+def test_templated_reports_name_the_modality_first_in_the_exam_types_forms(tmp_path):
     rng = np.random.default_rng(2)
-    length_of = {}
-    for modality in S.MODALITIES:
-        for region in S.REGIONS:
-            for left in _every_lesion_set("left"):
-                for right in _every_lesion_set("right"):
-                    scene = _scene(modality, region, left + right)
-                    text = S.report(scene, rng, "templated")
-                    assert S.parse_report(text) == S.report_fields(scene), text
-                    assert text.split(" ")[0] == S._MODALITY_DISPLAY[modality]  # the modality first
-                    n = len(tok(text, add_special_tokens=False)["input_ids"])
-                    # What the sides show never changes the length: the exam type alone sets it.
-                    assert length_of.setdefault((modality, region), n) == n, text
-    assert 24 <= min(length_of.values()) and max(length_of.values()) <= 64
-    assert len(set(length_of.values())) > 1  # the exam types' templates differ
-    both = S.report(_scene("mri", "brain", (("left", "small"), ("left", "large"))), rng, "templated")
-    assert "Left side: one small and one large lesions." in both or "left side shows one small and one" in both
-    assert "no small and no large lesions" in both
+    forms = {}
+    for _ in range(300):
+        scene = S.sample_scene(rng, "slots")
+        text = S.report(scene, rng, "templated")
+        assert S.parse_report(text) == S.report_fields(scene), text
+        assert text.split(" ")[0] == S._MODALITY_DISPLAY[scene.modality]  # no article before it
+        # The same forms as the house style, only the study sentence reordered.
+        house = S.report(scene, np.random.default_rng(0), "house")
+        assert text.split(". ", 1)[1] == house.split(". ", 1)[1]
+        assert forms.setdefault((scene.modality, scene.region), _forms(text)[1:]) == _forms(text)[1:]
+    assert len(forms) == 9
 
 
-def test_templated_findings_that_cannot_be_are_not_read():
-    base = "CT scan of the chest. Both lungs and the heart are visible. "
-    fine = S.parse_report(base + "Left side: two small and no large lesions. Right side: no small and no large lesions.")
-    assert fine["left"] == (2, ("small", "small")) and fine["right"] == (0, ()) and fine["count"] == 2
-    # Three lesions on one side do not fit its two slots: not a finding the scans can have.
-    over = S.parse_report(base + "Left side: two small and one large lesions. Right side: no small and no large lesions.")
-    assert over["left"] is None and over["count"] is None
+def test_report_alone_asks_that_share_of_reports_in_one_turn_and_leaves_the_test_split_alone():
+    kw = dict(task="report", layout="slots", turns=2)
+    mixed = S.SyntheticMedVQA("train", 400, seed=1, report_alone=0.5, **kw)
+    turns = [len(mixed[i]["conversations"]) // 2 for i in range(400)]
+    assert set(turns) == {1, 2} and 150 < turns.count(1) < 250
+    alone = next(i for i, n in enumerate(turns) if n == 1)
+    assert mixed[alone]["conversations"][0]["value"].startswith("<image>\n")
+    assert mixed[alone]["conversations"][0]["value"].split("\n", 1)[1] in S.REPORT_REQUESTS
+    # One-turn sources (the test split) draw exactly what they drew without the option.
+    for i in range(20):
+        a = S.SyntheticMedVQA("test", 20, seed=1, task="report", layout="slots", report_alone=0.5)[i]
+        b = S.SyntheticMedVQA("test", 20, seed=1, task="report", layout="slots")[i]
+        assert a["conversations"] == b["conversations"]
+        np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    with pytest.raises(ValueError, match="report_alone"):
+        S.SyntheticConfig(report_alone=1.5)
 
 
 def test_report_wording_changes_only_the_words():
