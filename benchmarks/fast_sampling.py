@@ -1,7 +1,7 @@
 """Fast sampling modes against the exact sampler: speedup and answer agreement on the synthetic
 test split with a model trained on it: the demo (``python -m medv_jax.train --config=configs/demo.py``,
 short VQA answers) or the miniature recipe's report model (``python -m medv_jax.train.chain
-configs/mini/``, findings reports of 26-38 tokens, scored by field accuracy).
+configs/mini/``, findings reports of 26-35 tokens, scored by field accuracy).
 
     python benchmarks/fast_sampling.py --checkpoint workdir/demo/model --out fast_sampling.json
     python benchmarks/fast_sampling.py --checkpoint workdir/mini/stage2_instruct/model \

@@ -1,5 +1,6 @@
-"""Mini recipe, stage 2 (the paper's end-to-end instruction tuning): two-turn dialogues about one
-scan, a findings report asked at either turn and a follow-up question at the other. Evaluated as
+"""Mini recipe, stage 2 (the paper's end-to-end instruction tuning): findings reports of one scan,
+half asked alone and half in two-turn dialogues, the report asked at either turn and a follow-up
+question at the other. Evaluated as
 the paper's conversation setting in miniature: reports of 200 held-out scans written block by
 block (L = 96, B = 48, N = 96) and scored by field accuracy (medv_jax.data.synthetic.field_accuracy).
 
@@ -34,7 +35,7 @@ def get_config():
     c.optim.param_groups = [("^vision/", c.optim.lr / 10)]  # the rest at c.optim.lr (see above)
     c.eval.num_examples = 200
     c.eval.batch_size = 50
-    # Two blocks of 48: a report (26-38 tokens) is written within the first, the second holds the
+    # Two blocks of 48: a report (26-35 tokens) is written within the first, the second holds the
     # stop token. With blocks of 32 or 16 the findings straddle a block's end and are committed
     # before they are read (docs/mini_recipe.md).
     c.eval.gen_length = 96

@@ -429,12 +429,12 @@ def _sizes_phrase(sizes: Sequence[str]) -> str:
 
 
 def report(scene: Scene, rng: np.random.Generator, wording: str = "varied") -> str:
-    """A findings report of `scene` (26-38 tokens with the demo tokenizer): the study (modality,
-    region), the anatomy seen, and each side's lesions with their sizes ("no lesions" included),
-    every lesion fact stated once; `parse_report` reads it back. `wording` (REPORT_WORDINGS):
-    "varied" draws each sentence's form from `rng`, "house" takes the exam type's forms,
-    "templated" the same with the modality first (see REPORT_WORDINGS). All draw
-    the same numbers from `rng`, so what is drawn after the report does not depend on it."""
+    """A findings report of `scene` (26-38 tokens with the demo tokenizer, 26-35 templated): the
+    study (modality, region), the anatomy seen, and each side's lesions with their sizes ("no
+    lesions" included), every lesion fact stated once; `parse_report` reads it back. `wording`
+    (REPORT_WORDINGS): "varied" draws each sentence's form from `rng`, "house" takes the exam
+    type's forms, "templated" the same with the modality first. All draw the same numbers from
+    `rng`, so what is drawn after the report does not depend on it."""
     if wording not in REPORT_WORDINGS:
         raise ValueError(f"report wording must be one of {REPORT_WORDINGS}, got {wording!r}")
     drawn = (int(rng.integers(len(_STUDY_FORMS))), *(int(rng.integers(len(_SIDE_FORMS))) for _ in SIDES))
