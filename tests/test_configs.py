@@ -66,3 +66,24 @@ def test_lora_stage3_trains_adapters_and_projector_only():
         assert _frozen("stage3_lora:slake", param), param
     for param in ("lm/layers/attn/q_proj/lora_a", "lm/layers/mlp/down_proj/lora_b", "projector/fc1/kernel"):
         assert not _frozen("stage3_lora:slake", param), param
+
+
+MINI_STAGES = sorted((ROOT / "configs" / "mini").glob("stage*.py"))
+
+
+@pytest.mark.parametrize("path", MINI_STAGES, ids=lambda p: p.stem)
+def test_mini_rows_hold_the_longest_record_their_data_can_draw(path, tmp_path):
+    """Each stage's rows (data.max_length) fit the longest record its synthetic set can draw
+    (records of a longer one would stop the run: too_long = "raise"), with little to spare."""
+    from medv_jax.data import pipeline
+    from medv_jax.train import trainer
+
+    config = _load(path)
+    assert config.data.too_long == "raise"
+    config.init_from = None  # the model's shape comes from the config; no earlier stage is needed
+    tokenizer = trainer.load_tokenizer(config, tmp_path)
+    bcfg = trainer.batch_config(config, trainer.model_config(config, tokenizer), 1)
+    train_source, _ = trainer.data_sources(config)
+    length = lambda record: pipeline.record_length(record, tokenizer, bcfg)
+    longest = length(train_source.longest_record(length))
+    assert max(length(train_source[i]) for i in range(200)) <= longest <= config.data.max_length <= longest + 8

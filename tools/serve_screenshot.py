@@ -5,7 +5,7 @@ playwright, nothing downloaded), asks for a findings report and a follow-up, and
     python tools/serve_screenshot.py --checkpoint workdir/mini/stage2_instruct/model \\
         --tokenizer workdir/mini/stage2_instruct/tokenizer --out docs/serve_screenshot.png
 
-Sampler settings are the report model's (L = 96, B = 48, N = 96), no system prompt; the scan is
+Sampler settings are the report model's (L = 64, B = 32, N = 64), no system prompt; the scan is
 drawn as the miniature recipe's are (lesions in slots).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
     synthetic.SyntheticMedVQA("test", args.scan + 1, task="report", layout="slots")[args.scan]["image"].save(scan)
     port = free_port()
     cmd = [sys.executable, "-m", "medv_jax.serve", "--checkpoint", args.checkpoint, "--tokenizer", args.tokenizer,
-           "--system_prompt", "none", "--gen_length", "96", "--block_length", "48", "--steps", "96",
+           "--system_prompt", "none", "--gen_length", "64", "--block_length", "32", "--steps", "64",
            "--port", str(port), "--examples_dir", str(work / "examples"), "--replay_seconds", "1"]
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)

@@ -13,7 +13,7 @@ def get_config():
     c = mini_config("stage0_text")
     c.data.task = "text"
     c.data.turns = 2
-    c.data.max_length = 112  # the longest of 48,000 drawn dialogues: 106 tokens
+    c.data.max_length = 112  # the longest dialogue the data can draw: 106 tokens (tests/test_configs.py)
     c.data.prompt_length = 64
     c.train.global_batch = 32
     c.train.num_steps = 200

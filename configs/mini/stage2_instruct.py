@@ -36,9 +36,9 @@ def get_config():
     c.eval.num_examples = 200
     c.eval.batch_size = 50
     # Two blocks of 32: a report (26-35 tokens) fills most of the first. Rows of 88 tokens hold the
-    # longest of 48,000 drawn training dialogues (82 tokens) with room for the stop-token padding,
-    # at about 0.73x the compute of the earlier rows of 120 (scored at L = 96); block length moved
-    # field accuracy by under a point on the earlier model (docs/mini_recipe.md).
+    # longest training dialogue the data can draw (83 tokens, tests/test_configs.py) with room for
+    # the stop-token padding, at about 0.73x the compute of the earlier rows of 120 (scored at
+    # L = 96); block length moves field accuracy by under a point (docs/mini_recipe.md).
     c.eval.gen_length = 64
     c.eval.block_length = 32
     c.eval.steps = 64

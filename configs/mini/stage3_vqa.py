@@ -10,7 +10,7 @@ def get_config():
     c.init_from = f"{MINI_ROOT}/stage2_instruct/model"
     c.data.task = "vqa"
     c.data.closed_fraction = 0.5
-    c.data.max_length = 32  # the longest of 9,600 drawn records: 30 tokens
+    c.data.max_length = 32  # the longest record the data can draw: 30 tokens (tests/test_configs.py)
     c.data.prompt_length = 32
     c.data.test_size = 400
     c.train.global_batch = 32

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -176,6 +177,20 @@ def _place_in_slots(scene: Scene, rng: np.random.Generator) -> Scene:
             dx, dy = rng.uniform(-_SLOT_JITTER, _SLOT_JITTER, size=2)
             placed.append(Lesion(_SLOT_X[side] + float(dx), y + float(dy), r, side, l.size))
     return dataclasses.replace(scene, lesions=tuple(placed))
+
+
+def scene_outlines() -> list[Scene]:
+    """Every scene the prior can draw, up to lesion positions and radii (left NaN / 0): modality,
+    region and each lesion's side and size, which is all that any record's text depends on."""
+    per_side = [sizes for n in range(MAX_PER_SIDE + 1) for sizes in itertools.combinations_with_replacement(SIZES, n)]
+    out = []
+    for modality, region in itertools.product(MODALITIES, REGIONS):
+        for sides in itertools.product(per_side, repeat=len(SIDES)):
+            if sum(map(len, sides)) <= MAX_LESIONS:
+                lesions = tuple(Lesion(float("nan"), float("nan"), 0.0, side, size)
+                                for side, sizes in zip(SIDES, sides) for size in sizes)
+                out.append(Scene(modality, region, lesions))
+    return out
 
 
 def _check_layout(layout: str) -> None:
@@ -438,9 +453,21 @@ def report(scene: Scene, rng: np.random.Generator, wording: str = "varied") -> s
     if wording not in REPORT_WORDINGS:
         raise ValueError(f"report wording must be one of {REPORT_WORDINGS}, got {wording!r}")
     drawn = (int(rng.integers(len(_STUDY_FORMS))), *(int(rng.integers(len(_SIDE_FORMS))) for _ in SIDES))
+    return _report_text(scene, drawn, wording)
+
+
+def _report_forms(scene: Scene, wording: str) -> list[tuple[int, ...]]:
+    """Every (study form, left side form, right side form) a report of `scene` can take."""
     if wording != "varied":
         study, side_form = _house_forms(scene)
-        drawn = (study, *(side_form for _ in SIDES))
+        return [(study, *(side_form for _ in SIDES))]
+    return list(itertools.product(range(len(_STUDY_FORMS)), *(range(len(_SIDE_FORMS)) for _ in SIDES)))
+
+
+def _report_text(scene: Scene, drawn: tuple[int, ...], wording: str) -> str:
+    """The report of `scene` in the forms `drawn` (what "varied" draws; the others fix them)."""
+    if wording != "varied":
+        drawn = _report_forms(scene, wording)[0]
     forms = _TEMPLATED_STUDY_FORMS if wording == "templated" else _STUDY_FORMS
     out = [forms[drawn[0]].format(a=_ARTICLE[scene.modality], m=_MODALITY_DISPLAY[scene.modality], r=scene.region),
            _ANATOMY[scene.region]]
@@ -689,17 +716,65 @@ class SyntheticMedVQA:
             turns.append((q.text, answer))
         return turns
 
+    def _conversations(self, dialogue: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+        conversations = []
+        for question, answer in dialogue:
+            if not conversations and self.config.task != "text":
+                question = f"<image>\n{question}"  # the image comes with the first message
+            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return conversations
+
+    def _first_turns(self, scene: Scene) -> list[tuple[str, str]]:
+        """Every (question, answer) a record of `scene` can open with."""
+        task, wording = self.config.task, self.config.report_wording
+        if task == "caption":
+            return [("Describe the image briefly.", caption(scene))]
+        if task in ("report", "text"):
+            head = f"{caption(scene)}\n" if task == "text" else ""
+            return [(head + request, _report_text(scene, forms, wording))
+                    for request in REPORT_REQUESTS for forms in _report_forms(scene, wording)]
+        return self._follow_ups(scene)
+
+    def _follow_ups(self, scene: Scene) -> list[tuple[str, str]]:
+        """Every (question, answer) of the configured families that `scene` answers."""
+        turns = [(q.text, "yes" if q.truth(scene) else "no") for f in self._closed.values() for q in f]
+        return turns + [(q.text, q.answer(scene)) for f in self._open.values() for q in f
+                        if q.answer(scene) is not None]
+
+    def longest_record(self, length: Any) -> dict[str, Any]:
+        """A record at least as long as any this source can draw, by `length` (a record's formatted
+        length in tokens, e.g. `pipeline.record_length` with the training tokenizer and format):
+        over every scene outline (`scene_outlines`), the longest first turn, then the `turns` - 1
+        distinct follow-ups that add the most to it. Exact when a dialogue's length is the sum of
+        its turns' (the chat format formats turns one by one); an upper bound in any case, as
+        follow-ups are drawn from these. Its words are a record's; its image is blank."""
+        blank = Image.new("L", (self.config.image_size,) * 2)
+        more = self.config.turns - 1 if self.config.task != "caption" else 0
+
+        def record(dialogue):
+            out = {"id": f"synth-{self.split}-longest", "conversations": self._conversations(dialogue)}
+            if self.config.task != "text":
+                out["image"] = blank
+            return out
+
+        best, best_length = None, -1
+        for scene in scene_outlines():
+            first = max(self._first_turns(scene), key=lambda turn: length(record([turn])))
+            base = length(record([first]))
+            extra = sorted(((length(record([first, t])) - base, t) for t in self._follow_ups(scene)
+                            if t[0] != first[0]), reverse=True)[:more] if more else []
+            total = base + sum(n for n, _ in extra)
+            if total > best_length:
+                best, best_length = record([first, *(t for _, t in extra)]), total
+        return best
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         rng = self.rng(index)
         d = self._describe(index, rng)
         text_only = self.config.task == "text"
         dialogue = d.get("dialogue") or [(d["question"], d["answer"]), *d.get("more_turns", ())]
-        conversations = []
-        for question, answer in dialogue:
-            if not conversations and not text_only:
-                question = f"<image>\n{question}"  # the image comes with the first message
-            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        conversations = self._conversations(dialogue)
         record = {
             "id": f"synth-{self.split}-{index}",
             "conversations": conversations,
@@ -784,5 +859,5 @@ __all__: Sequence[str] = (
     "render_scene", "sample_scene", "sample_scene_where", "CLOSED_QUESTIONS", "OPEN_QUESTIONS",
     "CLOSED_FAMILIES", "OPEN_FAMILIES", "MODALITIES", "REGIONS", "all_answers", "load_demo_tokenizer",
     "demo_image_config", "report", "parse_report", "report_fields", "field_accuracy", "fields_correct", "REPORT_FIELDS",
-    "REPORT_REQUESTS", "TASKS",
+    "REPORT_REQUESTS", "TASKS", "scene_outlines",
 )

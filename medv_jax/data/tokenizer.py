@@ -8,9 +8,11 @@ so a different (e.g. the small test) tokenizer works unchanged. The ids of the r
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
+import weakref
 from typing import Any, Iterator
 
 from medv_jax.user_errors import UserError
@@ -137,4 +139,23 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     """
     if not text:
         return []
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    try:
+        cache = _ENCODE_CACHE.setdefault(tokenizer, collections.OrderedDict())
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no caching
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = cache.get(text)
+    if ids is None:
+        ids = cache[text] = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(cache) > _ENCODE_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(text)
+    return list(ids)
+
+
+# Token ids by text, per tokenizer: conversations are tokenized piece by piece (role headers,
+# questions, answer sentences), and the pieces repeat from record to record; the tokenizer's own
+# call costs far more than its encoding (measured: most of a synthetic training batch's
+# tokenization). Bounded LRU, per process.
+_ENCODE_CACHE: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = weakref.WeakKeyDictionary()
+_ENCODE_CACHE_SIZE = 65536

@@ -493,3 +493,54 @@ def test_findings_questions_state_a_sides_lesions_with_sizes():
     assert left.answer(scene(("right", "large"), ("right", "large"))) == "no lesions"
     assert right.answer(scene(("right", "large"), ("right", "large"))) == "two large lesions"
     assert set(left.answers) == set(S.SIDE_FINDINGS) and len(S.SIDE_FINDINGS) == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# The longest record a source can draw
+
+
+def test_scene_outlines_are_every_drawable_scene_once():
+    outlines = S.scene_outlines()
+    keys = [(s.modality, s.region, tuple((l.side, l.size) for l in s.lesions)) for s in outlines]
+    assert len(keys) == len(set(keys)) == 3 * 3 * 27  # 6 x 6 side findings, less the 9 with 4 lesions
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        s = S.sample_scene(rng, "slots")
+        key = (s.modality, s.region, tuple(sorted((l.side, l.size) for l in s.lesions)))
+        assert key in {(m, r, tuple(sorted(ls))) for m, r, ls in keys}
+
+
+def _dialogue_length(tok):
+    def length(record):
+        image = "<image>" in record["conversations"][0]["value"]
+        return len(conv.format_conversation(record, tok, num_image_tokens=4 if image else None, system_prompt=None))
+    return length
+
+
+@pytest.mark.parametrize("kw", [dict(task="report", turns=2, report_wording="varied"),
+                                dict(task="text", turns=2, report_wording="templated"),
+                                dict(task="vqa", turns=3), dict(task="caption")],
+                         ids=lambda kw: f"{kw['task']}-{kw.get('turns', 1)}")
+def test_longest_record_bounds_every_dialogue(tmp_path, kw):
+    """No dialogue of any scene is longer than `longest_record`'s, whose length is attained: every
+    first turn with every pair of follow-ups, in every order, over a spread of outlines (all of
+    them would take minutes); and 400 drawn records."""
+    import itertools
+
+    tok = S.load_demo_tokenizer(tmp_path, reports=True)
+    length = _dialogue_length(tok)
+    src = S.SyntheticMedVQA("train", 400, seed=3, layout="slots", **kw)
+    longest = src.longest_record(length)
+    bound = length(longest)
+    assert longest["conversations"][0]["value"].startswith("<image>\n") == (kw["task"] != "text")
+    assert len(longest["conversations"]) == 2 * (1 if kw["task"] == "caption" else src.config.turns)
+    drawn = max(length(src[i]) for i in range(len(src)))
+    assert drawn <= bound
+    more = 0 if kw["task"] == "caption" else src.config.turns - 1
+    record = lambda turns: {"id": "x", "image": None, "conversations": src._conversations(turns)}
+    for scene in S.scene_outlines()[::13]:
+        for first in src._first_turns(scene)[::2]:
+            rest = [t for t in src._follow_ups(scene) if t[0] != first[0]]
+            for extra in itertools.permutations(rest, more) if more < 2 else itertools.combinations(rest[::3], more):
+                for order in itertools.permutations([first, *extra]):
+                    assert length(record(list(order))) <= bound

@@ -38,6 +38,21 @@ def test_build_is_fast_and_deterministic(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_encode_cache_returns_the_tokenizers_own_ids_per_tokenizer(tokenizer, tmp_path):
+    """Pieces are cached per tokenizer: a hit equals the tokenizer's own call, a caller changing
+    the list it got changes nothing cached, and another vocabulary gets its own ids."""
+    text = "The left side shows two small lesions."
+    own = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    first = tok_lib.encode(tokenizer, text)
+    assert first == own
+    first.append(-1)
+    assert tok_lib.encode(tokenizer, text) == own
+    words = testing.load_test_tokenizer(tmp_path / "words", words=["left", "side", "shows"])
+    other = list(words(text, add_special_tokens=False)["input_ids"])
+    assert other != own and tok_lib.encode(words, text) == other
+    assert tok_lib.encode(tokenizer, text) == own
+
+
 def test_text_round_trips_and_words_are_single_tokens(tokenizer):
     text = "Is there a lesion in the left lung?\n\nÄrztlicher Befund: 3 cm, T2 MRI."
     ids = tok_lib.encode(tokenizer, text)
