@@ -1,4 +1,5 @@
 """The embedded synthetic medical-VQA set and the compact demo tokenizer."""
+import itertools
 import re
 from collections import Counter, defaultdict
 
@@ -522,11 +523,9 @@ def _dialogue_length(tok):
                                 dict(task="vqa", turns=3), dict(task="caption")],
                          ids=lambda kw: f"{kw['task']}-{kw.get('turns', 1)}")
 def test_longest_record_bounds_every_dialogue(tmp_path, kw):
-    """No dialogue of any scene is longer than `longest_record`'s, whose length is attained: every
-    first turn with every pair of follow-ups, in every order, over a spread of outlines (all of
-    them would take minutes); and 400 drawn records."""
-    import itertools
-
+    """No dialogue is longer than `longest_record`'s: neither 400 drawn records nor every first
+    turn with its follow-ups in every order (all pairs of a third of them with three turns) over a
+    spread of outlines (all of them would take minutes)."""
     tok = S.load_demo_tokenizer(tmp_path, reports=True)
     length = _dialogue_length(tok)
     src = S.SyntheticMedVQA("train", 400, seed=3, layout="slots", **kw)
