@@ -546,6 +546,13 @@ def field_accuracy(text: str, scene: Scene) -> float:
 TASKS = ("vqa", "caption", "report", "text")
 
 
+def _answer(question: Any, scene: Scene) -> str | None:
+    """A question's answer on `scene`: "yes" / "no" for a closed one; None if an open one has none."""
+    if isinstance(question, ClosedQuestion):
+        return "yes" if question.truth(scene) else "no"
+    return question.answer(scene)
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     """How records are drawn.
@@ -699,8 +706,7 @@ class SyntheticMedVQA:
     def _more_turns(self, scene: Scene, first: Any, rng: np.random.Generator) -> list[tuple[str, str]]:
         """(question, answer) of turns 2.., distinct questions answerable on `scene`."""
         asked, turns = {first.text}, []
-        candidates = [q for f in self._closed.values() for q in f]
-        candidates += [q for f in self._open.values() for q in f]
+        candidates = self._questions()
         for _ in range(self.config.turns - 1):
             closed = rng.uniform() < self.config.closed_fraction
             pool = [q for q in candidates if q.text not in asked and isinstance(q, ClosedQuestion) == closed
@@ -712,9 +718,12 @@ class SyntheticMedVQA:
                 break
             q = pool[rng.integers(len(pool))]
             asked.add(q.text)
-            answer = ("yes" if q.truth(scene) else "no") if isinstance(q, ClosedQuestion) else q.answer(scene)
-            turns.append((q.text, answer))
+            turns.append((q.text, _answer(q, scene)))
         return turns
+
+    def _questions(self) -> list[Any]:
+        """The configured families' questions, closed first (the order `_more_turns` draws from)."""
+        return [q for f in self._closed.values() for q in f] + [q for f in self._open.values() for q in f]
 
     def _conversations(self, dialogue: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
         conversations = []
@@ -737,9 +746,7 @@ class SyntheticMedVQA:
 
     def _follow_ups(self, scene: Scene) -> list[tuple[str, str]]:
         """Every (question, answer) of the configured families that `scene` answers."""
-        turns = [(q.text, "yes" if q.truth(scene) else "no") for f in self._closed.values() for q in f]
-        return turns + [(q.text, q.answer(scene)) for f in self._open.values() for q in f
-                        if q.answer(scene) is not None]
+        return [(q.text, a) for q in self._questions() if (a := _answer(q, scene)) is not None]
 
     def longest_record(self, length: Any) -> dict[str, Any]:
         """A record at least as long as any this source can draw, by `length` (a record's formatted
