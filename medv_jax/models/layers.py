@@ -245,10 +245,17 @@ def attention_per_head(q: Array, k: Array, v: Array, key_mask: Array | None) -> 
 
 
 def scan_layers(
-    block: type[nn.Module], num_layers: int, remat_policy: str, in_axes: Any = nn.broadcast, **block_kwargs
+    block: type[nn.Module], num_layers: int, remat_policy: str, in_axes: Any = nn.broadcast,
+    unroll: bool = False, **block_kwargs
 ):
     """Repeat ``block`` ``num_layers`` times under ``nn.scan`` (params stacked on a leading
     "layers" axis), rematerialised by the named policy. Returns the module instance.
+
+    ``unroll``: the layers as straight-line code instead of a loop (same parameters, same math).
+    A loop makes XLA slice each layer's weights out of the stacks and write each layer's
+    activations into stacked buffers for the backward pass; for a few small layers on CPU that
+    bookkeeping costs a sixth to a fifth of a train step (benchmarks/RESULTS.md, "Training step").
+    Compile time and program size grow with depth, so large models keep the loop.
 
     The block is called as ``block(x, *args) -> (x, per_layer_output)``; ``in_axes`` says which
     args every layer sees whole (``nn.broadcast``, the default for all) and which are sliced on
@@ -264,6 +271,7 @@ def scan_layers(
         split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=num_layers,
+        unroll=num_layers if unroll else 1,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(**block_kwargs)

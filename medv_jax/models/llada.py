@@ -63,6 +63,7 @@ class LLaDAConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None  # None | "xla" | "cudnn" | "per_head" (layers.attention)
     remat_policy: str = "none"
+    unroll_layers: bool = False  # layers.scan_layers(unroll=...): for a few small layers on CPU
     # Std of the normal init of every weight matrix and embedding (only for training from scratch;
     # converted checkpoints replace it). 0.02 is the released models'; a small model trained from
     # scratch learns faster with a larger one (configs/demo.py).
@@ -295,6 +296,7 @@ class LLaDA(nn.Module):
             cfg.num_layers,
             cfg.remat_policy,
             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            unroll=cfg.unroll_layers,
             config=cfg,
         )
         self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)

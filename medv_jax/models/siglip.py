@@ -47,6 +47,7 @@ class SiglipConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None
     remat_policy: str = "none"
+    unroll_layers: bool = False  # layers.scan_layers(unroll=...): for a few small layers on CPU
     # Std of the normal init of every weight matrix and embedding (only for training from scratch;
     # converted checkpoints replace it). 0.02 is the released models'; a small model trained from
     # scratch learns faster with a larger one (configs/demo.py).
@@ -185,7 +186,8 @@ class SiglipVisionTower(nn.Module):
             param_dtype,
         )
         x = x + pos.astype(dtype)[None]
-        blocks = layers.scan_layers(EncoderBlock, cfg.num_layers, cfg.remat_policy, config=cfg, name="layers")
+        blocks = layers.scan_layers(EncoderBlock, cfg.num_layers, cfg.remat_policy, unroll=cfg.unroll_layers,
+                                    config=cfg, name="layers")
         x, _ = blocks(x)
         if cfg.use_post_layernorm:
             x = _layer_norm(cfg, "post_ln")(x)

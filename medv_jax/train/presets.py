@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"
     c.model.remat_policy = "full"
+    # The layers as straight-line code instead of a loop over stacked weights (same parameters):
+    # faster for a few small layers on CPU (the miniature recipe), slower to compile for deep ones.
+    c.model.unroll_layers = False
     c.model.attention_impl = ""  # "" (per_head on CPU, JAX's choice elsewhere) | "xla" | "cudnn" | "per_head"
     # LoRA adapters on the LM kernels whose path ("lm/layers/attn/q_proj/kernel") matches
     # lora.targets (rank 0 = none; see lora_finetune_config); base_quant "int8" / "int4" stores
@@ -240,6 +243,9 @@ def mini_config(stage: str):
     c = tiny_from_scratch(base_config(), vocab_size=768)
     c.workdir = f"{MINI_ROOT}/{stage}"
     c.tokenizer = "demo_reports"  # the demo's words plus the reports' (684 ids)
+    # 4 + 2 small layers: unrolled, a train step takes a sixth to a fifth less time on the 2-core
+    # CPU than with the layer loop (benchmarks/RESULTS.md, "Training step").
+    c.model.unroll_layers = True
     c.data.layout = "slots"  # each lesion in one quadrant of its side (synthetic.SyntheticConfig.layout)
     # 32 px patches: 4 image tokens, one per quadrant, so each lesion is one token's finding; with
     # 16 px patches the tiny model confused the sides (docs/mini_recipe.md, "Lesion reading").

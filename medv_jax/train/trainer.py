@@ -128,7 +128,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def _numerics(m: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                attention_impl=m.attention_impl or None)
+                attention_impl=m.attention_impl or None, unroll_layers=bool(m.get("unroll_layers", False)))
 
 
 def lm_adapter_options(m: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -60,6 +60,42 @@ def test_square_image_forward_matches_llava_splice(square):
     hf.assert_rel_close(out, expected, what="square multimodal logits")
 
 
+
+def test_unrolled_layers_equal_the_layer_loop(square):
+    """``unroll_layers`` writes the same layers without the loop: the same parameter tree (an init
+    draws the same weights), and logits and gradients equal to rounding (<= 1e-5 relative)."""
+    ref, (config, params) = square
+    unrolled = config.replace(lm=config.lm.replace(unroll_layers=True),
+                              vision=config.vision.replace(unroll_layers=True))
+    init = lambda cfg: jax.jit(medv.init_params, static_argnums=0)(cfg, jax.random.key(4))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, init(unrolled), init(config))
+    rng = np.random.RandomState(5)
+    tokens = rng.randint(0, hf.LM_DIMS["vocab_size"], size=(2, T))
+    index = np.zeros((2, T, 4), np.int32)
+    weight = np.zeros((2, T, 4), np.float32)
+    index[:, 2:2 + N, 0], weight[:, 2:2 + N, 0] = np.arange(N), 1.0
+    key_mask = np.ones((2, T), bool)
+    key_mask[1, -5:] = False
+    batch = (tokens, _pixels(2, 1, seed=6), index, weight, np.zeros((2, T), bool), key_mask)
+
+    def loss(p, cfg):
+        logits = medv.MedV(cfg).apply({"params": p}, *batch)
+        return (logits[:, :, :7] ** 2).mean(), logits
+
+    (_, loop_logits), loop_grads = jax.value_and_grad(loss, has_aux=True)(params, config)
+    (_, flat_logits), flat_grads = jax.value_and_grad(loss, has_aux=True)(params, unrolled)
+    hf.assert_rel_close(flat_logits, loop_logits, what="unrolled logits")
+    # Per tensor, relative to its own largest entry; the key biases' gradients are zero up to
+    # rounding (softmax ignores a shift shared by a query's logits), so the floor is a thousandth
+    # of the largest gradient anywhere.
+    floor = 1e-3 * max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(loop_grads))
+    flat, loop = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (flat_grads, loop_grads))
+    assert flat.keys() == loop.keys()
+    for path, want in loop.items():
+        err = float(np.abs(np.asarray(flat[path]) - want).max()) / max(float(np.abs(want).max()), floor)
+        assert err <= 1e-5, f"unrolled gradient {jax.tree_util.keystr(path)}: relative error {err:.3g}"
+
+
 def test_multi_crop_layout_with_newlines_and_bilinear_taps(tmp_path):
     """Several crops, 4-tap weighted gathers (as the anyres shrink needs) and image_newline."""
     ref = hf.TorchMedV(seed=4, image_aspect_ratio="anyres_max_4", mm_patch_merge_type="spatial_unpad")

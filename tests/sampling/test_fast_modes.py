@@ -139,6 +139,19 @@ def test_cache_refreshed_at_block_starts_and_every_k_steps(name, fast):
         assert loop_steps < 12 and len(starts) == 3 and starts != [0, 4, 8]
 
 
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_unrolled_layers_write_the_same_tokens(mode):
+    """The cache is sliced per layer by the layer loop; written without the loop
+    (``unroll_layers``) the cached sampler writes the same tokens at the same steps."""
+    case = LOCAL_CASES["three_blocks"]
+    params, _, embeds, mask, keys = case_inputs(case)
+    config = case.config.replace(cache=CachePolicy(mode, 2))
+    loop = sample(CFG, params, embeds, mask, keys, config)
+    unrolled = sample(CFG.replace(unroll_layers=True), params, embeds, mask, keys, config)
+    assert_same(jax.tree.map(np.asarray, unrolled), jax.tree.map(np.asarray, loop), f"{mode} cache, unrolled")
+
+
 def test_no_cache_no_refresh_trace():
     out, _ = run("greedy_one_block", selection=ThresholdSelection(0.5))
     assert not out.refreshed.any()
