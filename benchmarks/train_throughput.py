@@ -5,6 +5,7 @@ batch, masks and optimizer (CPU comparison).
     python benchmarks/train_throughput.py --config demo --torch              # CPU: JAX vs PyTorch
     python benchmarks/train_throughput.py --config cpu_wide --torch --steps 5
     python benchmarks/train_throughput.py --config llada_1b                  # GPU: MFU (bf16)
+    python benchmarks/train_throughput.py --config mini_stage1 --unroll_layers both --steps 41
 
 MFU = model FLOPs per step / step time / peak FLOPs. Model FLOPs (no rematerialisation counted):
 ``6 * N * tokens`` for every trained matmul weight (LM layers and head, projector; the input
@@ -59,6 +60,22 @@ CONFIGS: dict[str, TrainShape] = {
         vision=dict(image_size=64, patch_size=16, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
                     init_std=0.15),
         batch=64, seq=40, answer=6, dtype="float32", remat="none", ce_chunk=96, frozen=(), lr=2e-3),
+    # configs/mini/stage1_align.py: the demo's LM with the reports' 768-row vocabulary, a tower on
+    # 64 px scans in 32 px patches (4 image tokens), rows of 36 (a caption after the image),
+    # everything trained.
+    "mini_stage1": TrainShape(
+        lm=dict(vocab_size=768, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+                mlp_hidden_size=384, max_position_embeddings=256, rope_theta=10000.0, init_std=0.15),
+        vision=dict(image_size=64, patch_size=32, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
+                    init_std=0.15),
+        batch=32, seq=36, answer=31, dtype="float32", remat="none", ce_chunk=128, frozen=(), lr=2e-3),
+    # configs/mini/stage2_instruct.py's shapes: rows of 88 (a prompt padded to 32, then the answers)
+    "mini_stage2": TrainShape(
+        lm=dict(vocab_size=768, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+                mlp_hidden_size=384, max_position_embeddings=256, rope_theta=10000.0, init_std=0.15),
+        vision=dict(image_size=64, patch_size=32, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
+                    init_std=0.15),
+        batch=32, seq=88, answer=56, dtype="float32", remat="none", ce_chunk=128, frozen=(), lr=2e-3),
     # CPU-sized wide model (as the sampler benchmark): hidden 512 x 8, vocab 32k, a 384 px tower
     # (729 image tokens, frozen as in stage 2), 1024-token sequences.
     "cpu_wide": TrainShape(
@@ -78,11 +95,11 @@ CONFIGS: dict[str, TrainShape] = {
 
 
 def medv_config(shape: TrainShape, remat: str | None = None, dtype: str | None = None,
-                attention_impl: str | None = None):
+                attention_impl: str | None = None, unroll_layers: bool = False):
     from medv_jax.models import llada, medv, siglip
 
     numerics = dict(dtype=dtype or shape.dtype, param_dtype="float32", remat_policy=remat or shape.remat,
-                    attention_impl=attention_impl)
+                    attention_impl=attention_impl, unroll_layers=unroll_layers)
     lm = llada.LLADA_PRESETS["llada_8b"].replace(**shape.lm, **numerics)
     vocab = lm.vocab_size
     if lm.mask_token_id >= vocab:  # small vocabularies: special ids at the top (as a tokenizer would)
@@ -326,6 +343,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default=None, help="override the config's compute dtype")
     ap.add_argument("--attention_impl", default=None, choices=layers.ATTENTION_CHOICES,
                     help="attention kernel (default: per_head on CPU, JAX's choice elsewhere)")
+    ap.add_argument("--unroll_layers", default="no", choices=["no", "yes", "both"],
+                    help="layers as straight-line code (model unroll_layers); both: the two steps timed "
+                         "interleaved, the loop as 'jax'")
     ap.add_argument("--peak_flops", type=float, default=None)
     ap.add_argument("--torch", action="store_true", help="also time the eager PyTorch train step (fp32)")
     ap.add_argument("--torch_threads", type=int, default=None)
@@ -339,7 +359,7 @@ def main(argv=None) -> dict:
     shape = CONFIGS[args.config]
     shape = dataclasses.replace(shape, batch=args.batch or shape.batch, seq=args.seq or shape.seq,
                                 ce_chunk=args.ce_chunk or shape.ce_chunk)
-    config = medv_config(shape, args.remat, args.dtype, args.attention_impl)
+    config = medv_config(shape, args.remat, args.dtype, args.attention_impl, args.unroll_layers == "yes")
     if args.torch and config.lm.dtype != "float32":
         ap.error("--torch compares fp32 steps: pass --dtype float32")
     batch = make_batch(config, shape)
@@ -351,6 +371,9 @@ def main(argv=None) -> dict:
 
     j = prepare_jax(config, shape, batch)
     steps = {"jax": j["step"]}
+    if args.unroll_layers == "both":
+        unrolled = medv_config(shape, args.remat, args.dtype, args.attention_impl, unroll_layers=True)
+        steps["jax_unrolled"] = prepare_jax(unrolled, shape, batch)["step"]
     if args.torch:
         from medv_jax.train import loss as loss_lib
 
@@ -368,6 +391,7 @@ def main(argv=None) -> dict:
                    f"({dev.device_kind})",
         "load_avg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "config": args.config, "batch": shape.batch, "seq": shape.seq, "dtype": config.lm.dtype,
+        "unroll_layers": args.unroll_layers,
         "remat": config.lm.remat_policy, "params_total": flops["params_total"],
         "params_lm_matmul": flops["params_lm_matmul"], "model_tflop_per_step": step_flops / 1e12,
         "jax": {"compile_s": j["compile_s"], "step_s": jt, "tokens_per_s": tokens / jt,
@@ -376,6 +400,11 @@ def main(argv=None) -> dict:
                 "device_peak_mib": round(stats["peak_bytes_in_use"] / 2**20) if "peak_bytes_in_use" in stats else None},
         "peak_flops": peak, "peak_note": peak_note,
     }
+    if "jax_unrolled" in times:
+        ut = statistics.median(times["jax_unrolled"])
+        result["jax_unrolled"] = {"step_s": ut, "tokens_per_s": tokens / ut, "steps": len(times["jax_unrolled"]),
+                                  "step_times": times["jax_unrolled"]}
+        result["loop_over_unrolled_step_time"] = jt / ut
     if args.torch:
         jl = jax_loss_on(config, j["params"], batch, masked, p, shape.ce_chunk)
         tt = statistics.median(times["torch"])
@@ -408,6 +437,10 @@ def print_table(r: dict) -> None:
     row("tokens / s", lambda v: f"{v:,.0f}", "tokens_per_s")
     row("MFU", lambda v: f"{100 * v:.1f} %", "mfu")
     print(f"JAX compile {j['compile_s']:.1f} s" + (f"; device peak {j['device_peak_mib']} MiB" if j["device_peak_mib"] else ""))
+    if "jax_unrolled" in r:
+        u = r["jax_unrolled"]
+        print(f"layers unrolled: step {u['step_s']:.4f} s (median of {u['steps']}), {u['tokens_per_s']:,.0f} tokens/s; "
+              f"layer loop / unrolled step time: {r['loop_over_unrolled_step_time']:.2f}x")
     if t:
         lc = r["loss_check"]
         print(f"PyTorch / JAX step time: {r['torch_over_jax_step_time']:.2f}x; same loss on the same batch and masks: "

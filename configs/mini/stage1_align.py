@@ -22,6 +22,6 @@ def get_config():
     c.data.max_length = 36
     c.data.prompt_length = 48
     c.train.global_batch = 32
-    c.train.num_steps = 3000
+    c.train.num_steps = 3500
     c.optim.param_groups = []  # everything trains (see above)
     return c

@@ -37,6 +37,22 @@ def test_demo_mirror_matches_configs_demo():
     assert (cfg.lm.hidden_size, cfg.lm.num_layers, cfg.vision.image_size, cfg.vision.patch_size) == (128, 4, 64, 16)
 
 
+
+@pytest.mark.parametrize("name, config_file", [("mini_stage1", "stage1_align.py"), ("mini_stage2", "stage2_instruct.py")])
+def test_mini_mirrors_match_configs_mini(name, config_file):
+    pytest.importorskip("ml_collections")
+    from medv_jax.train.chain import load_config_file
+
+    c = load_config_file(ROOT / "configs" / "mini" / config_file)
+    shape = tt.CONFIGS[name]
+    assert dict(c.model.lm_overrides) == shape.lm
+    assert dict(c.model.vision_overrides) == shape.vision
+    assert (c.train.global_batch, c.data.max_length, c.train.ce_chunk) == (shape.batch, shape.seq, shape.ce_chunk)
+    assert (c.model.dtype, c.model.remat_policy, c.optim.lr) == (shape.dtype, shape.remat, shape.lr)
+    assert not [g for g in c.optim.param_groups if g[1] is None] and shape.frozen == ()  # everything trains
+    assert c.model.unroll_layers  # what --unroll_layers yes measures
+
+
 def test_model_flops_hand_count():
     shape = tt.CONFIGS["demo"]
     cfg = tt.medv_config(shape)
