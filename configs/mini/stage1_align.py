@@ -22,6 +22,8 @@ def get_config():
     c.data.max_length = 36
     c.data.prompt_length = 48
     c.train.global_batch = 32
+    # With stage 2's 1500: the sides held on three seeds; 3000 / 1100 lost them on one seed
+    # (docs/mini_recipe.md, "Margins").
     c.train.num_steps = 3500
     c.optim.param_groups = []  # everything trains (see above)
     return c

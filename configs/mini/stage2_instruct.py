@@ -26,7 +26,7 @@ def get_config():
     c.data.answer_padding = "eot"
     c.data.prompt_length = 32
     c.train.global_batch = 32
-    c.train.num_steps = 1500
+    c.train.num_steps = 1500  # with stage 1's 3500 (see there)
     # Half the rows masked as one contiguous run of the answer: the states the sampler passes
     # through (the report's start written, the rest masked, stop tokens further right), which
     # i.i.d. masks almost never show; without them reports carried extra side sentences
