@@ -51,6 +51,13 @@ class TrainShape:
     lr: float
 
 
+# configs/mini/: the demo's LM with the reports' 768-row vocabulary, a tower on 64 px scans in 32 px
+# patches (4 image tokens).
+MINI_LM = dict(vocab_size=768, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+               mlp_hidden_size=384, max_position_embeddings=256, rope_theta=10000.0, init_std=0.15)
+MINI_VISION = dict(image_size=64, patch_size=32, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
+                   init_std=0.15)
+
 CONFIGS: dict[str, TrainShape] = {
     # configs/demo.py: LM d128 x 4, tower 64 px / 16 px patches (16 image tokens), 40-token
     # sequences, global batch 64, everything trained, fp32.
@@ -60,21 +67,13 @@ CONFIGS: dict[str, TrainShape] = {
         vision=dict(image_size=64, patch_size=16, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
                     init_std=0.15),
         batch=64, seq=40, answer=6, dtype="float32", remat="none", ce_chunk=96, frozen=(), lr=2e-3),
-    # configs/mini/stage1_align.py: the demo's LM with the reports' 768-row vocabulary, a tower on
-    # 64 px scans in 32 px patches (4 image tokens), rows of 36 (a caption after the image),
-    # everything trained.
+    # configs/mini/stage1_align.py: rows of 36 (a caption after the image's 4 tokens), everything trained.
     "mini_stage1": TrainShape(
-        lm=dict(vocab_size=768, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
-                mlp_hidden_size=384, max_position_embeddings=256, rope_theta=10000.0, init_std=0.15),
-        vision=dict(image_size=64, patch_size=32, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
-                    init_std=0.15),
+        lm=MINI_LM, vision=MINI_VISION,
         batch=32, seq=36, answer=31, dtype="float32", remat="none", ce_chunk=128, frozen=(), lr=2e-3),
     # configs/mini/stage2_instruct.py's shapes: rows of 88 (a prompt padded to 32, then the answers)
     "mini_stage2": TrainShape(
-        lm=dict(vocab_size=768, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
-                mlp_hidden_size=384, max_position_embeddings=256, rope_theta=10000.0, init_std=0.15),
-        vision=dict(image_size=64, patch_size=32, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden_size=128,
-                    init_std=0.15),
+        lm=MINI_LM, vision=MINI_VISION,
         batch=32, seq=88, answer=56, dtype="float32", remat="none", ce_chunk=128, frozen=(), lr=2e-3),
     # CPU-sized wide model (as the sampler benchmark): hidden 512 x 8, vocab 32k, a 384 px tower
     # (729 image tokens, frozen as in stage 2), 1024-token sequences.
