@@ -37,7 +37,6 @@ def test_demo_mirror_matches_configs_demo():
     assert (cfg.lm.hidden_size, cfg.lm.num_layers, cfg.vision.image_size, cfg.vision.patch_size) == (128, 4, 64, 16)
 
 
-
 @pytest.mark.parametrize("name, config_file", [("mini_stage1", "stage1_align.py"), ("mini_stage2", "stage2_instruct.py")])
 def test_mini_mirrors_match_configs_mini(name, config_file):
     pytest.importorskip("ml_collections")

@@ -60,7 +60,6 @@ def test_square_image_forward_matches_llava_splice(square):
     hf.assert_rel_close(out, expected, what="square multimodal logits")
 
 
-
 def test_unrolled_layers_equal_the_layer_loop(square):
     """``unroll_layers`` writes the same layers without the loop: the same parameter tree (an init
     draws the same weights), and logits and gradients equal to rounding (<= 1e-5 relative)."""
@@ -77,6 +76,9 @@ def test_unrolled_layers_equal_the_layer_loop(square):
     key_mask = np.ones((2, T), bool)
     key_mask[1, -5:] = False
     batch = (tokens, _pixels(2, 1, seed=6), index, weight, np.zeros((2, T), bool), key_mask)
+    # The option reaches both towers: the loop lowers to one while loop each, unrolled to none.
+    lowered = lambda cfg: jax.jit(lambda p: medv.MedV(cfg).apply({"params": p}, *batch)).lower(params).as_text()
+    assert lowered(config).count("stablehlo.while") == 2 and "stablehlo.while" not in lowered(unrolled)
 
     def loss(p, cfg):
         logits = medv.MedV(cfg).apply({"params": p}, *batch)

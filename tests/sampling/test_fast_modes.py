@@ -139,7 +139,6 @@ def test_cache_refreshed_at_block_starts_and_every_k_steps(name, fast):
         assert loop_steps < 12 and len(starts) == 3 and starts != [0, 4, 8]
 
 
-
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_unrolled_layers_write_the_same_tokens(mode):
     """The cache is sliced per layer by the layer loop; written without the loop

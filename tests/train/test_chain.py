@@ -69,7 +69,9 @@ def test_every_stage_starts_from_the_previous_and_trains_only_its_parts(chain_ru
     init = {opt_lib.param_path(k): np.asarray(v) for k, v in flatten_dict(init).items()}
     previous_params = init
     for s in stages:
-        _, params = _params(root / s.name / "model")
+        cfg, params = _params(root / s.name / "model")
+        # The config's numerics reach the model the stage trained and exported.
+        assert cfg.lm.unroll_layers == cfg.vision.unroll_layers == s.config.model.unroll_layers, s.name
         groups = [tuple(g) for g in s.config.optim.param_groups]
         frozen = {k for k in params if opt_lib.group_of(k, groups) == opt_lib.FROZEN}
         trained = set(params) - frozen
