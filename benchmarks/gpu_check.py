@@ -95,7 +95,6 @@ def fast_configs(base) -> list[tuple[str, object]]:
 
 def sampler(out: Path) -> None:
     import jax
-    import jax.numpy as jnp
 
     from medv_jax.data import image_layout
     from medv_jax.models import llada, medv, siglip

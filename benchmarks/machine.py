@@ -20,3 +20,28 @@ def cpu_name() -> str:
 def describe_cpu() -> str:
     """"<cpu name>, <n> CPUs"."""
     return f"{cpu_name()}, {os.cpu_count()} CPUs"
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 7) -> float:
+    """The machine's float32 matrix-multiply rate through XLA, GFLOP/s: the median over
+    ``repeats`` timed batches of ``size`` x ``size`` products, after a compiling run. A forward
+    pass whose matmuls run at this rate is as fast as this machine can run it."""
+    import statistics
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.full((size, size), 0.5, jnp.float32)
+    product = jax.jit(lambda x, y: x @ y)
+    product(a, a).block_until_ready()
+    flops = 2 * size ** 3
+    per_batch = max(1, int(2e9 // flops))  # about 2 GFLOP a batch
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(per_batch):
+            out = product(a, a)
+        out.block_until_ready()
+        times.append((time.perf_counter() - t0) / per_batch)
+    return flops / statistics.median(times) / 1e9

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe_cpu  # noqa: E402
+from benchmarks.machine import describe_cpu, matmul_gflops  # noqa: E402
 from medv_jax.sampling import api  # noqa: E402
 from medv_jax.sampling.diffusion import SamplerConfig  # noqa: E402
 from medv_jax.serve import openai_compat as oc  # noqa: E402
@@ -134,6 +134,32 @@ def sampler_alone(model, asks: list[tuple[bytes, str]], sampler: SamplerConfig, 
     return out
 
 
+def lm_forward_flops(lm, tokens: int, logits_positions: int) -> int:
+    """Floating-point operations of one LM forward pass over ``tokens`` positions with logits at
+    ``logits_positions`` of them, counting the matrix products (2 per multiply-add): the
+    projections, the gated MLP, attention's scores and weighted sum, the LM head. Elementwise
+    work (norms, rotary, softmax, gating) is left out: a few percent here."""
+    q, kv = lm.num_heads * lm.head_dim, lm.num_kv_heads * lm.head_dim
+    weights = lm.hidden_size * (q + 2 * kv) + q * lm.hidden_size + 3 * lm.hidden_size * lm.mlp_hidden_size
+    attention = 2 * tokens * q  # scores (q . k) and the weighted sum of values, per position
+    return 2 * lm.num_layers * tokens * (weights + attention) + 2 * logits_positions * lm.hidden_size * lm.vocab_size
+
+
+def compute_floor(model, sampler: SamplerConfig, width: int, gflops: float) -> dict:
+    """The least time one answer can take on this machine: the exact sampler runs ``steps`` LM
+    forwards over the prompt width and the answer, logits on the answer's block, each at the
+    machine's matmul rate ``gflops`` (the tower, once per answer, is left out). No batching makes a
+    row cheaper than this."""
+    flops = sampler.steps * lm_forward_flops(model.lm, width + sampler.gen_length, sampler.block_length)
+    return {"matmul_gflops": gflops, "gflop_per_answer": flops / 1e9, "floor_ms_per_answer": flops / gflops / 1e6}
+
+
+def floor_line(floor: dict, alone: list[dict]) -> str:
+    return (f"the compute floor: {floor['gflop_per_answer']:.3f} GFLOP per answer at the machine's "
+            f"{floor['matmul_gflops']:.0f} GFLOP/s matmul rate = {floor['floor_ms_per_answer']:.2f} ms per answer, "
+            f"so batching can gain at most {alone[0]['ms_per_row'] / floor['floor_ms_per_answer']:.2f}x over batch 1")
+
+
 def ceiling_line(alone: list[dict]) -> str:
     return "the sampler alone, ms per row (speedup over batch 1): " + ", ".join(
         f"batch {r['batch']} {r['ms_per_row']:.2f} ({r['speedup_per_row']:.2f}x)" for r in alone)
@@ -183,7 +209,11 @@ def main(argv=None) -> int:
     report = {"machine": describe_cpu(), "checkpoint": args.checkpoint, "requests": args.requests,
               "sampler": {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps},
               "sampler_alone": sampler_alone(model, asks, defaults, sizes), "results": []}
+    first = model.prompt(asks[0][1], model.image(PIL.Image.open(io.BytesIO(asks[0][0])).convert("RGB")))
+    width = model.prompt_width(len(first.tokens), defaults.gen_length)  # sampler_alone's width
+    report["floor"] = compute_floor(model, defaults, width, matmul_gflops())
     print(ceiling_line(report["sampler_alone"]), file=sys.stderr)
+    print(floor_line(report["floor"], report["sampler_alone"]), file=sys.stderr)
     for mode in chosen:
         batch_sizes, window = modes[mode]
         batcher = oc.Batcher(model, batch_sizes=batch_sizes, window_s=window, max_queue=max(clients) * 2)
@@ -212,7 +242,8 @@ def main(argv=None) -> int:
     by = {(r["mode"], r["clients"]): r for r in report["results"]}
     print(f"machine: {report['machine']}; {args.requests} requests per level; "
           f"sampler {args.gen_length}/{args.block_length}/{args.steps}\n")
-    print(ceiling_line(report["sampler_alone"]) + "\n")
+    print(ceiling_line(report["sampler_alone"]))
+    print(floor_line(report["floor"], report["sampler_alone"]) + "\n")
     print("| clients | mode | requests/s | p50 s | p99 s | mean batch | answers differing | speedup |")
     print("|---|---|---|---|---|---|---|---|")
     for r in report["results"]:

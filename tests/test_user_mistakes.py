@@ -133,14 +133,14 @@ STAGE2 = "--config=configs/stage2.py --workdir={root}/run"
 # (case, command, arguments, what the one line must name)
 MISTAKES = [
     # generate
-    ("generate: no such checkpoint", "generate", f"--checkpoint {{root}}/nope --tokenizer {{tokenizer}} --question q", ["--checkpoint", "no such folder"]),
-    ("generate: Hugging Face folder as checkpoint", "generate", f"--checkpoint {{hf}} --tokenizer {{tokenizer}} --question q", ["Hugging Face", "python -m tools.convert_weights --src"]),
-    ("generate: an empty folder as checkpoint", "generate", f"--checkpoint {{root}}/empty_folder --tokenizer {{tokenizer}} --question q", ["--checkpoint", "not a converted checkpoint"]),
-    ("generate: no such tokenizer", "generate", f"--checkpoint {{checkpoint}} --tokenizer {{root}}/nope --question q", ["--tokenizer", "no such folder"]),
-    ("generate: a folder without a tokenizer", "generate", f"--checkpoint {{checkpoint}} --tokenizer {{images}} --question q", ["--tokenizer", "cannot load"]),
-    ("generate: another checkpoint's tokenizer", "generate", f"--checkpoint {{checkpoint}} --tokenizer {{other_tokenizer}} --question q", ["--tokenizer", "does not belong", "mask {mask_other} vs {mask}", "--allow_tokenizer_mismatch"]),
+    ("generate: no such checkpoint", "generate", "--checkpoint {root}/nope --tokenizer {tokenizer} --question q", ["--checkpoint", "no such folder"]),
+    ("generate: Hugging Face folder as checkpoint", "generate", "--checkpoint {hf} --tokenizer {tokenizer} --question q", ["Hugging Face", "python -m tools.convert_weights --src"]),
+    ("generate: an empty folder as checkpoint", "generate", "--checkpoint {root}/empty_folder --tokenizer {tokenizer} --question q", ["--checkpoint", "not a converted checkpoint"]),
+    ("generate: no such tokenizer", "generate", "--checkpoint {checkpoint} --tokenizer {root}/nope --question q", ["--tokenizer", "no such folder"]),
+    ("generate: a folder without a tokenizer", "generate", "--checkpoint {checkpoint} --tokenizer {images} --question q", ["--tokenizer", "cannot load"]),
+    ("generate: another checkpoint's tokenizer", "generate", "--checkpoint {checkpoint} --tokenizer {other_tokenizer} --question q", ["--tokenizer", "does not belong", "mask {mask_other} vs {mask}", "--allow_tokenizer_mismatch"]),
     ("generate: unknown weight quantization", "generate", f"{GEN} --question q --weight_quant int3", ["--weight_quant", "int3"]),
-    ("generate: adapters without their base", "generate", f"--checkpoint {{orphan_adapters}} --tokenizer {{tokenizer}} --question q", ["--checkpoint", "moved_base", "not there"]),
+    ("generate: adapters without their base", "generate", "--checkpoint {orphan_adapters} --tokenizer {tokenizer} --question q", ["--checkpoint", "moved_base", "not there"]),
     ("generate: empty question", "generate", f'{GEN} --question ""', ["--question is empty"]),
     ("generate: blank question", "generate", f'{GEN} --question "   "', ["--question is empty"]),
     ("generate: <image> only", "generate", f'{GEN} --question "<image>"', ["--question is empty", "<image>"]),
@@ -161,8 +161,8 @@ MISTAKES = [
     ("infer: <image> only", "infer", f"{INFER} --question_file {{questions}}/image_only.jsonl", ["line 1", "is empty"]),
     ("infer: answers file is a folder", "infer", f"{MODEL} --question_file {{questions}}/good.jsonl --answers_file {{root}}/empty_folder", ["--answers_file", "is a folder"]),
     ("infer: no such image folder", "infer", f"{INFER} --question_file {{questions}}/good.jsonl --image_folder {{root}}/nope", ["--image_folder", "no such folder"]),
-    ("infer: another checkpoint's tokenizer", "infer", f"--checkpoint {{checkpoint}} --tokenizer {{other_tokenizer}} --question_file {{questions}}/good.jsonl --answers_file {{answers}}", ["--tokenizer", "does not belong"]),
-    ("infer: Hugging Face folder as checkpoint", "infer", f"--checkpoint {{hf}} --tokenizer {{hf}} --question_file {{questions}}/good.jsonl --answers_file {{answers}}", ["Hugging Face", "convert"]),
+    ("infer: another checkpoint's tokenizer", "infer", "--checkpoint {checkpoint} --tokenizer {other_tokenizer} --question_file {questions}/good.jsonl --answers_file {answers}", ["--tokenizer", "does not belong"]),
+    ("infer: Hugging Face folder as checkpoint", "infer", "--checkpoint {hf} --tokenizer {hf} --question_file {questions}/good.jsonl --answers_file {answers}", ["Hugging Face", "convert"]),
     ("infer: batch size 0", "infer", f"{INFER} --question_file {{questions}}/good.jsonl --batch_size 0", ["--batch_size"]),
     ("infer: no questions given", "infer", f"{MODEL} --answers_file {{answers}}", ["--question_file", "--tfds"]),
     # evaluate
@@ -193,6 +193,7 @@ MISTAKES = [
     ("train: log every zero steps", "train", f"{TRAIN} --config.train.log_every=0", ["config.train.log_every", ">= 1"]),
     ("train: report_alone out of range", "train", f"{TRAIN} --config.data.report_alone=2.0", ["config.data.report_alone", "[0, 1]"]),
     ("train: unknown report wording", "train", f"{TRAIN} --config.data.report_wording=plain", ["config.data.report_wording", "'plain'", "house"]),
+    ("train: rows shorter than the synthetic set's longest record", "train", f"{TRAIN} --config.data.max_length=36", ["config.data.max_length=36", "37 tokens", ">= 37"]),
     ("train: unknown preset", "train", f"{TRAIN} --config.model.lm_preset=llada_tiniest", ["config.model.lm_preset", "llada_tiny"]),
     # serve
     ("serve: Hugging Face folder as checkpoint", "serve", "--checkpoint {hf} --tokenizer {hf}", ["Hugging Face", "convert"]),

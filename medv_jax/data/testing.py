@@ -161,7 +161,6 @@ def build_test_tokenizer(
     real ids; the same arguments always give the same files.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
 
     words = list(DEFAULT_WORDS if words is None else words) + list(extra_words)
     vocab: dict[str, int] = {}

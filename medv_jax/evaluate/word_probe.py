@@ -33,6 +33,7 @@ from medv_jax.user_errors import UserError
 __all__ = ["FORMATS", "reference_canvas", "word_ids", "predict_masked", "probe_words", "add_arguments", "run"]
 
 FORMATS = ("chat", "caption")
+PADDINGS = ("eot", "eos")
 
 
 def word_ids(tokenizer: Any, words: Sequence[str]) -> set[int]:
@@ -58,13 +59,16 @@ def reference_canvas(tokenizer: Any, answer: str, gen_length: int, pad_id: int, 
     return ids + [pad_id] * (gen_length - len(ids))
 
 
-def _reference_of(tokenizer: Any, row: Mapping[str, Any], answer_format: str, gen_length: int) -> list[int]:
-    """``reference_canvas`` of a question row in ``answer_format``; errors name the question."""
+def _reference_of(tokenizer: Any, row: Mapping[str, Any], answer_format: str, gen_length: int,
+                  padding: str = "eot") -> list[int]:
+    """``reference_canvas`` of a question row in ``answer_format``, a chat answer padded with
+    ``padding`` ("eot" or "eos", as the model trained: data.answer_padding); errors name the question."""
     specials = tok_lib.special_token_ids(tokenizer)
     try:
         if answer_format == "caption":
             return reference_canvas(tokenizer, synthetic.caption(_scene(row)), gen_length, specials.eos, "\n")
-        return reference_canvas(tokenizer, row["answer"], gen_length, specials.eot, tok_lib.EOT_TOKEN)
+        pad = specials.eot if padding == "eot" else specials.eos
+        return reference_canvas(tokenizer, row["answer"], gen_length, pad, tok_lib.EOT_TOKEN)
     except UserError as e:
         raise UserError(f"question {row.get('question_id')!r}: {e}") from None
 
@@ -117,14 +121,18 @@ def probe_words(
     answer_format: str = "chat",
     gen_length: int = 96,
     batch_size: int = 50,
+    padding: str = "eot",
 ) -> dict[str, Any]:
     """Teacher-forced accuracy of ``words`` in the references of question ``rows`` (each with
     ``image``, ``text``, ``answer``; ``meta`` too for ``answer_format="caption"``, whose reference
     is the scan's caption). Returns token accuracy (share of masked words right), row accuracy
     (share of rows with every masked word right, over rows holding one), their counts, and the row
-    accuracy per ``meta`` modality when rows carry it."""
+    accuracy per ``meta`` modality when rows carry it. ``padding``: what fills a chat answer's
+    canvas after its end of turn, "eot" or "eos" (the model's data.answer_padding)."""
     if answer_format not in FORMATS:
         raise UserError(f"--format {answer_format!r}: one of {FORMATS}")
+    if padding not in PADDINGS:
+        raise UserError(f"--padding {padding!r}: one of {PADDINGS}")
     if not model.takes_images:
         raise UserError("probe-words reads images: give a multimodal checkpoint")
     tok = model.tokenizer
@@ -135,7 +143,7 @@ def probe_words(
         prompts, canvases = [], []
         for row in chunk:
             image = model.image(os.path.join(image_folder, row["image"]))
-            canvas = _reference_of(tok, row, answer_format, gen_length)
+            canvas = _reference_of(tok, row, answer_format, gen_length, padding)
             prompts.append(_prompt_row(model, row, image, answer_format))
             canvases.append(np.asarray(canvas, np.int32))
         shown = [np.where(np.isin(c, targets), model.lm.mask_token_id, c) for c in canvases]
@@ -181,6 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser, model_flags: Any) -> None:
     parser.add_argument("--format", dest="answer_format", choices=FORMATS, default="chat",
                         help="chat: the reference answer after the chat prompt; caption: a stage-1 caption")
     parser.add_argument("--gen_length", type=int, default=96, help="canvas length (the reference plus padding)")
+    parser.add_argument("--padding", choices=PADDINGS, default="eot",
+                        help="what fills a chat answer's canvas after its end of turn: the model's "
+                             "data.answer_padding (eot: configs/mini/stage2_instruct.py; eos: the other configs)")
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--output", help="write the result as JSON here")
@@ -197,10 +208,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = tok_lib.load_tokenizer(os.path.expanduser(args.tokenizer))
     word_ids(tokenizer, args.words)
     for row in rows:
-        _reference_of(tokenizer, row, args.answer_format, args.gen_length)
+        _reference_of(tokenizer, row, args.answer_format, args.gen_length, args.padding)
     model = generation.load_model(vars(args))
     result = probe_words(model, rows, args.words, image_folder=args.image_folder, answer_format=args.answer_format,
-                         gen_length=args.gen_length, batch_size=args.batch_size)
+                         gen_length=args.gen_length, batch_size=args.batch_size, padding=args.padding)
     by = ", ".join(f"{m} {v:.1f}" for m, v in result["row_accuracy_by_modality"].items())
     print(f"{' '.join(args.words)}: {result['token_accuracy']:.1f} % of {result['n_tokens']} words right, "
           f"every one right in {result['row_accuracy']:.1f} % of {result['n_rows']} answers"

@@ -245,6 +245,24 @@ def _load_json_records(path: str):
     return pipeline.RecordList(load_records(path))
 
 
+def check_rows_hold_records(train_source: Any, test_source: Any, tokenizer: Any, bcfg: pipeline.BatchConfig) -> None:
+    """A UserError, before any weights exist, when data.max_length cannot hold the longest record
+    a synthetic source can draw and too_long = "raise" would stop the run at that record, however
+    many steps in. Sources that bound their records (``longest_record``) are checked; others are
+    checked as they are read (or up front with data.length_buckets)."""
+    if bcfg.too_long != "raise":
+        return
+    length = lambda record: pipeline.record_length(record, tokenizer, bcfg)
+    for split, source in (("train", train_source), ("test", test_source)):
+        if not hasattr(source, "longest_record"):
+            continue
+        need = length(source.longest_record(length))
+        if need > bcfg.max_length:
+            raise UserError(f"config.data.max_length={bcfg.max_length} is too short for the synthetic {split} "
+                            f"set, whose longest record is {need} tokens: set config.data.max_length >= {need} "
+                            '(or config.data.too_long="skip")')
+
+
 def batch_config(config: ml_collections.ConfigDict, model_cfg: medv.MedVConfig, batch_size: int):
     d = config.data
     return pipeline.BatchConfig(
@@ -416,6 +434,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             raise ValueError("train.num_steps / num_epochs give no steps")
         local_batch = t.global_batch // n_proc
         bcfg = batch_config(config, model_cfg, local_batch)  # checks the data fields before any weights exist
+        check_rows_hold_records(train_source, test_source, tokenizer, bcfg)
         groups = [tuple(g) for g in config.optim.param_groups]
         abstract_boxed = medv.abstract_params(model_cfg)
         trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)

@@ -1,6 +1,5 @@
 """Tokenizer loading, special ids read by string, and the test tokenizer helper."""
 import os
-import time
 
 import pytest
 
@@ -28,11 +27,8 @@ def test_loaded_through_autotokenizer_with_files(tmp_path):
     assert tok.convert_tokens_to_ids("<|mdm_mask|>") == 126336
 
 
-def test_build_is_fast_and_deterministic(tmp_path):
-    testing.load_test_tokenizer(tmp_path / "warm")  # imports done
-    t0 = time.perf_counter()
+def test_build_is_deterministic(tmp_path):
     testing.load_test_tokenizer(tmp_path / "a")
-    assert time.perf_counter() - t0 < 1.0
     testing.build_test_tokenizer(tmp_path / "b")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

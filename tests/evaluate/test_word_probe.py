@@ -31,7 +31,9 @@ def setup(tmp_path_factory):
     return model, rows, str(root / "q")
 
 
-def test_reference_canvas_is_the_answer_region_of_the_training_row(setup):
+@pytest.mark.parametrize("padding", word_probe.PADDINGS)
+def test_reference_canvas_is_the_answer_region_of_the_training_row(setup, padding):
+    """With either answer padding, the probe's canvas is what training lays after the prompt."""
     model, rows, folder = setup
     tok = model.tokenizer
     row = rows[0]
@@ -40,12 +42,13 @@ def test_reference_canvas_is_the_answer_region_of_the_training_row(setup):
                                 {"from": "gpt", "value": row["answer"]}]}
     image = model.image(record["image"])
     prompt = model.prompt(row["text"], image)
-    cfg = BatchConfig(max_length=len(prompt.tokens) + L, answer_padding="eot", system_prompt=None,
+    cfg = BatchConfig(max_length=len(prompt.tokens) + L, answer_padding=padding, system_prompt=None,
                       image=model.image_config)
     train_row = encode_example(record, tok, cfg)["tokens"]
     np.testing.assert_array_equal(train_row[: len(prompt.tokens)], prompt.tokens)
-    canvas = word_probe.reference_canvas(tok, row["answer"], L, tok_lib.special_token_ids(tok).eot, tok_lib.EOT_TOKEN)
+    canvas = word_probe._reference_of(tok, row, "chat", L, padding)
     np.testing.assert_array_equal(train_row[len(prompt.tokens):], canvas)
+    assert canvas[-1] == getattr(tok_lib.special_token_ids(tok), padding)
 
 
 def test_batched_predictions_equal_one_row_forwards(setup):

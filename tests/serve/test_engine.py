@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from medv_jax.data import conversation as conv
-from medv_jax.data import tokenizer as tok_lib
 from medv_jax.sampling import api
 from medv_jax.sampling import multimodal as mm
 from medv_jax.sampling.diffusion import SamplerConfig
