@@ -56,6 +56,24 @@ def questions(n: int, seed: int) -> list[tuple[bytes, str]]:
     return out
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process's threads, summed by kind: "xla" (XLA's compute
+    threads) and "python" (the interpreter's threads: HTTP, request handling, batching, the
+    sampler's host side). Read from /proc (Linux); empty elsewhere."""
+    import glob
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"xla": 0.0, "python": 0.0}
+    for task in glob.glob(f"/proc/{os.getpid()}/task/*"):
+        try:
+            name = Path(task, "comm").read_text().strip()
+            fields = Path(task, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out["xla" if name.startswith("tf_") else "python"] += (int(fields[11]) + int(fields[12])) / tick
+    return out if Path(f"/proc/{os.getpid()}/task").is_dir() else {}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -98,37 +116,43 @@ async def _drive(job: dict) -> dict:
             results[index] = (time.perf_counter() - t0, reply.model_extra["medv"]["token_ids"])
 
     clients = job["clients"]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one_client(work[c::clients]) for c in range(clients)))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     await client.close()
     n = len(work)
-    return {"wall_s": wall, "latencies": [results[i][0] for i in range(n)],
+    return {"wall_s": wall, "cpu_s": cpu, "latencies": [results[i][0] for i in range(n)],
             "token_ids": [results[i][1] for i in range(n)]}
 
 
 def sampler_alone(model, asks: list[tuple[bytes, str]], sampler: SamplerConfig, sizes: tuple[int, ...],
                   repeats: int = 10) -> list[dict]:
     """The batching ceiling: milliseconds per row of ``model.run`` alone (no HTTP, no request
-    handling) at each batch size, the median of ``repeats`` runs on the first questions, and the
-    speedup per row over batch size 1. Batching cannot make serving faster than this."""
+    handling) at each batch size, over the same questions (the first as many as the largest batch
+    size, in batches of each size), the median of ``repeats`` passes; and the speedup per row over
+    batch size 1. Batching cannot make serving faster than this."""
     import PIL.Image
 
     rows = [model.prompt(q, model.image(PIL.Image.open(io.BytesIO(png)).convert("RGB"))) for png, q in asks]
     width = model.prompt_width(len(rows[0].tokens), sampler.gen_length)
     rows = [r for r in rows if model.prompt_width(len(r.tokens), sampler.gen_length) == width]
+    sizes = [size for size in sorted(set(sizes)) if size <= len(rows)]
+    rows = rows[:sizes[-1]]
+    keys = [api.row_key(0)] * len(rows)
+
+    def one_pass(size):
+        for start in range(0, len(rows), size):
+            model.run(rows[start:start + size], keys[start:start + size], sampler, batch_size=size, prompt_width=width)
+
     out = []
-    for size in sorted(set(sizes)):
-        if size > len(rows):
-            break
-        batch, keys = rows[:size], [api.row_key(0)] * size
-        model.run(batch, keys, sampler, batch_size=size, prompt_width=width)  # compile
+    for size in sizes:
+        one_pass(size)  # compile
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model.run(batch, keys, sampler, batch_size=size, prompt_width=width)
+            one_pass(size)
             times.append(time.perf_counter() - t0)
-        out.append({"batch": size, "ms_per_row": statistics.median(times) * 1e3 / size})
+        out.append({"batch": size, "ms_per_row": statistics.median(times) * 1e3 / len(rows)})
     for r in out:
         r["speedup_per_row"] = out[0]["ms_per_row"] / r["ms_per_row"]
     return out
@@ -145,17 +169,20 @@ def lm_forward_flops(lm, tokens: int, logits_positions: int) -> int:
     return 2 * lm.num_layers * tokens * (weights + attention) + 2 * logits_positions * lm.hidden_size * lm.vocab_size
 
 
-def compute_floor(model, sampler: SamplerConfig, width: int, gflops: float) -> dict:
-    """The least time one answer can take on this machine: the exact sampler runs ``steps`` LM
-    forwards over the prompt width and the answer, logits on the answer's block, each at the
-    machine's matmul rate ``gflops`` (the tower, once per answer, is left out). No batching makes a
-    row cheaper than this."""
-    flops = sampler.steps * lm_forward_flops(model.lm, width + sampler.gen_length, sampler.block_length)
-    return {"matmul_gflops": gflops, "gflop_per_answer": flops / 1e9, "floor_ms_per_answer": flops / gflops / 1e6}
+def compute_floor(model, sampler: SamplerConfig, width: int, steps_per_answer: float, gflops: float) -> dict:
+    """The least time an answer takes on this machine, on average: the exact sampler runs one LM
+    forward over the prompt width and the answer, logits on the answer's block, per step (an
+    answer stops once its end of turn and everything before it are written: ``steps_per_answer``
+    is the mean), each at the machine's matmul rate ``gflops`` (the tower, once per answer, is
+    left out). No batching makes a row cheaper than this."""
+    flops = steps_per_answer * lm_forward_flops(model.lm, width + sampler.gen_length, sampler.block_length)
+    return {"matmul_gflops": gflops, "steps_per_answer": steps_per_answer, "gflop_per_answer": flops / 1e9,
+            "floor_ms_per_answer": flops / gflops / 1e6}
 
 
 def floor_line(floor: dict, alone: list[dict]) -> str:
-    return (f"the compute floor: {floor['gflop_per_answer']:.3f} GFLOP per answer at the machine's "
+    return (f"the compute floor: {floor['steps_per_answer']:.2f} steps, {floor['gflop_per_answer']:.3f} GFLOP "
+            f"per answer at the machine's "
             f"{floor['matmul_gflops']:.0f} GFLOP/s matmul rate = {floor['floor_ms_per_answer']:.2f} ms per answer, "
             f"so batching can gain at most {alone[0]['ms_per_row'] / floor['floor_ms_per_answer']:.2f}x over batch 1")
 
@@ -204,14 +231,14 @@ def main(argv=None) -> int:
     # The reference: every question asked alone through the Python API.
     import PIL.Image
 
-    expected = [model.answer(PIL.Image.open(io.BytesIO(png)).convert("RGB"), q, sampler=defaults).token_ids
-                for png, q in asks]
+    alone = [model.answer(PIL.Image.open(io.BytesIO(png)).convert("RGB"), q, sampler=defaults) for png, q in asks]
+    expected = [a.token_ids for a in alone]
     report = {"machine": describe_cpu(), "checkpoint": args.checkpoint, "requests": args.requests,
               "sampler": {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps},
               "sampler_alone": sampler_alone(model, asks, defaults, sizes), "results": []}
     first = model.prompt(asks[0][1], model.image(PIL.Image.open(io.BytesIO(asks[0][0])).convert("RGB")))
     width = model.prompt_width(len(first.tokens), defaults.gen_length)  # sampler_alone's width
-    report["floor"] = compute_floor(model, defaults, width, matmul_gflops())
+    report["floor"] = compute_floor(model, defaults, width, statistics.mean(a.steps for a in alone), matmul_gflops())
     print(ceiling_line(report["sampler_alone"]), file=sys.stderr)
     print(floor_line(report["floor"], report["sampler_alone"]), file=sys.stderr)
     for mode in chosen:
@@ -222,9 +249,9 @@ def main(argv=None) -> int:
         app = oc.build_app(model, batcher, defaults, served_name="demo")
         with oc.serving(app) as url:
             for c in clients:
-                before = len(batcher.batches_run)
+                before, cpu_before = len(batcher.batches_run), thread_cpu_seconds()
                 level = load_level(url, "demo", asks, c)
-                batches = batcher.batches_run[before:]
+                batches, cpu_after = batcher.batches_run[before:], thread_cpu_seconds()
                 row = {
                     "mode": mode,
                     "clients": c,
@@ -235,6 +262,13 @@ def main(argv=None) -> int:
                     "mean_batch": sum(batches) / max(len(batches), 1),
                     "answers_differing": sum(a != b for a, b in zip(level["token_ids"], expected)),
                     "compile_s": compile_s,
+                    # CPU milliseconds per request: the server's threads by kind (counted over the
+                    # level, so including the moments between the load generator's clock reads)
+                    # and the load generator's process within its timed window.
+                    "cpu_ms_per_request": {
+                        **{k: (cpu_after[k] - cpu_before[k]) * 1e3 / len(asks) for k in cpu_after},
+                        "load_generator": level["cpu_s"] * 1e3 / len(asks),
+                    },
                 }
                 report["results"].append(row)
                 print(json.dumps(row), file=sys.stderr)
@@ -251,6 +285,15 @@ def main(argv=None) -> int:
         speedup = f"{r['requests_per_s'] / single['requests_per_s']:.2f}x" if single and r["mode"] == "batched" else ""
         print(f"| {r['clients']} | {r['mode']} | {r['requests_per_s']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
               f"{r['mean_batch']:.1f} | {r['answers_differing']} | {speedup} |")
+    print("\nCPU milliseconds per request (server: XLA's compute threads and the Python threads; the load "
+          "generator's process), and the CPU-seconds used per second of the level:\n")
+    print("| clients | mode | server XLA | server Python | load generator | total | cores busy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        cpu = r["cpu_ms_per_request"]
+        total = sum(cpu.values())
+        print(f"| {r['clients']} | {r['mode']} | {cpu.get('xla', float('nan')):.2f} | {cpu.get('python', float('nan')):.2f} | "
+              f"{cpu['load_generator']:.2f} | {total:.2f} | {total * r['requests_per_s'] / 1e3:.2f} |")
     return 0
 
 

@@ -24,6 +24,8 @@ def test_serve_load_runs_and_answers_as_the_model_alone(tmp_path):
     assert levels == [("batched", 1), ("batched", 3), ("one_at_a_time", 1), ("one_at_a_time", 3)]
     for row in report["results"]:
         assert row["requests"] == 6 and row["answers_differing"] == 0
+        cpu = row["cpu_ms_per_request"]
+        assert set(cpu) == {"xla", "python", "load_generator"} and cpu["load_generator"] > 0
         assert row["requests_per_s"] > 0 and 0 < row["p50_s"] <= row["p99_s"]
     assert all(r["mean_batch"] == 1 for r in report["results"] if r["mode"] == "one_at_a_time")
     alone = report["sampler_alone"]  # the ceiling: model.run alone at each batch size
@@ -34,7 +36,7 @@ def test_serve_load_runs_and_answers_as_the_model_alone(tmp_path):
         floor["gflop_per_answer"] / floor["matmul_gflops"] * 1e3)
     table = printed.getvalue()
     assert "| 3 | batched |" in table and "x |" in table  # the speedup column is filled
-    assert "the compute floor:" in table
+    assert "the compute floor:" in table and "| 3 | one_at_a_time |" in table.split("CPU milliseconds")[1]
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
