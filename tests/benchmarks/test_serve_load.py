@@ -30,7 +30,7 @@ def test_serve_load_runs_and_answers_as_the_model_alone(tmp_path):
     assert all(r["mean_batch"] == 1 for r in report["results"] if r["mode"] == "one_at_a_time")
     alone = report["sampler_alone"]  # the ceiling: model.run alone at each batch size
     assert [r["batch"] for r in alone] == [1, 4] and alone[0]["speedup_per_row"] == 1.0
-    assert all(r["ms_per_row"] > 0 for r in alone)
+    assert all(r["ms_per_row"] > 0 and 1 <= r["steps_per_batch"] <= 4 for r in alone)
     floor = report["floor"]
     assert floor["matmul_gflops"] > 0 and floor["floor_ms_per_answer"] == pytest.approx(
         floor["gflop_per_answer"] / floor["matmul_gflops"] * 1e3)
