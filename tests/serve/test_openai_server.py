@@ -348,3 +348,38 @@ def test_the_command_serves_on_127_0_0_1(tiny, model):
         proc.terminate()
         output = proc.communicate(timeout=60)[0]
     assert "compiled the default settings for batch sizes [1, 2]" in output
+
+
+def _readme_block(language: str, after: str) -> str:
+    """The first ``language`` code block of README.md after the line holding ``after``."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start:text.index("```", start)]
+
+
+def _as_here(code: str, server, scan) -> str:
+    """README's example pointed at this test's server, model and scan, with the tiny model's canvas."""
+    return (code.replace("http://127.0.0.1:8000", server["url"]).replace('"llada-medv"', '"medv-tiny"')
+            .replace("scan.png", str(scan)).replace('"max_tokens": 128', '"max_tokens": 8')
+            .replace("max_tokens=128", "max_tokens=8"))
+
+
+def test_readme_examples_answer_as_model_answer(server, model, tiny, capsys):
+    """README's curl and openai-client examples, run as written against this server, give the answer
+    ``model.answer`` gives alone."""
+    import json
+    import shutil
+    import subprocess
+
+    scan = tiny["images"] / "scan.png"
+    alone = model.answer(scan, "Is there a pneumothorax?", sampler=DEFAULTS)
+    exec(_as_here(_readme_block("python", "or with the `openai` client"), server, scan), {})
+    assert capsys.readouterr().out == alone.text + "\n"
+    if shutil.which("curl") is None or shutil.which("base64") is None:
+        pytest.skip("curl or base64 is not installed")
+    shown = _readme_block("bash", "Through the API server")
+    assert shown.startswith("curl ")
+    out = subprocess.run(["bash", "-c", _as_here(shown, server, scan)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == alone.text
