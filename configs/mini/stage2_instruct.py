@@ -32,7 +32,7 @@ def get_config():
     # i.i.d. masks almost never show; without them reports carried extra side sentences
     # (docs/mini_recipe.md).
     c.train.mask_span_fraction = 0.5
-    c.optim.param_groups = [("^vision/", c.optim.lr / 10)]  # the rest at c.optim.lr (see above)
+    c.optim.param_groups = [("^vision/", "*0.1")]  # a tenth of c.optim.lr, which moves with it; the rest at c.optim.lr
     c.eval.num_examples = 200
     c.eval.batch_size = 50
     # Two blocks of 32: a report (26-35 tokens) fills most of the first. Rows of 88 tokens hold the

@@ -1,6 +1,10 @@
 """AdamW with a warmup-cosine schedule, global-norm clipping, per-group learning rates and frozen
 groups, all selected by regexes over parameter paths ("lm/layers/attn/q_proj/kernel").
 
+A group's learning rate is a number, None (frozen), or "*<factor>": that multiple of the default
+learning rate (``optim.lr``), so overriding ``optim.lr`` moves the group with it
+(``resolve_group_rates``).
+
 Frozen parameters are split out of the trainable tree before differentiation: they get no
 gradient, no optimizer state, and stay bit-identical.
 """
@@ -17,6 +21,29 @@ FROZEN = "frozen"
 
 def param_path(path: tuple) -> str:
     return "/".join(str(p) for p in path)
+
+
+def resolve_group_rates(groups: Sequence[tuple[str, Any]], default_lr: float) -> list[tuple[str, float | None]]:
+    """``groups`` with every relative rate ("*0.1") turned into a number (``default_lr`` times the
+    factor); a ValueError naming the group for a rate that is neither a number, None nor "*<factor>"."""
+    out = []
+    for pattern, lr in groups:
+        if isinstance(lr, str):
+            factor = None
+            if lr.startswith("*"):
+                try:
+                    factor = float(lr[1:])
+                except ValueError:
+                    pass
+            if factor is None or not factor > 0:
+                raise ValueError(f"optim.param_groups: group {pattern!r} has learning rate {lr!r}; give a number, "
+                                 'None (frozen) or "*<factor>" (a positive multiple of optim.lr, e.g. "*0.1")')
+            lr = default_lr * factor
+        elif lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+            raise ValueError(f"optim.param_groups: group {pattern!r} has learning rate {lr!r}; give a number, "
+                             'None (frozen) or "*<factor>"')
+        out.append((pattern, lr))
+    return out
 
 
 def group_of(path: str, groups: Sequence[tuple[str, float | None]]) -> str:

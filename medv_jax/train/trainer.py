@@ -71,6 +71,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """User mistakes in a training config (required fields unset, files that do not exist, names
     that are not presets), found before a workdir or any weights exist; each a UserError naming
     the field and what to give."""
+    try:
+        opt_lib.resolve_group_rates([tuple(g) for g in config.optim.param_groups], config.optim.lr)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     d = config.data
     if d.source == "json":
         if not d.train_path:
@@ -435,7 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         local_batch = t.global_batch // n_proc
         bcfg = batch_config(config, model_cfg, local_batch)  # checks the data fields before any weights exist
         check_rows_hold_records(train_source, test_source, tokenizer, bcfg)
-        groups = [tuple(g) for g in config.optim.param_groups]
+        groups = opt_lib.resolve_group_rates([tuple(g) for g in config.optim.param_groups], config.optim.lr)
         abstract_boxed = medv.abstract_params(model_cfg)
         trainable_shape, _ = opt_lib.split_frozen(nn.unbox(abstract_boxed), groups)
         check_trainable(trainable_shape)

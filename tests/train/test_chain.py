@@ -72,7 +72,7 @@ def test_every_stage_starts_from_the_previous_and_trains_only_its_parts(chain_ru
         cfg, params = _params(root / s.name / "model")
         # The config's numerics reach the model the stage trained and exported.
         assert cfg.lm.unroll_layers == cfg.vision.unroll_layers == s.config.model.unroll_layers, s.name
-        groups = [tuple(g) for g in s.config.optim.param_groups]
+        groups = opt_lib.resolve_group_rates([tuple(g) for g in s.config.optim.param_groups], s.config.optim.lr)
         frozen = {k for k in params if opt_lib.group_of(k, groups) == opt_lib.FROZEN}
         trained = set(params) - frozen
         assert {k.split("/")[0] for k in trained} == TRAINS[s.name], s.name
