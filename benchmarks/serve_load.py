@@ -125,6 +125,15 @@ async def _drive(job: dict) -> dict:
             "token_ids": [results[i][1] for i in range(n)]}
 
 
+def first_width(model, asks: list[tuple[bytes, str]], sampler: SamplerConfig) -> int:
+    """The padded prompt width of the first question: the width the sampler-alone runs use."""
+    import PIL.Image
+
+    png, question = asks[0]
+    row = model.prompt(question, model.image(PIL.Image.open(io.BytesIO(png)).convert("RGB")))
+    return model.prompt_width(len(row.tokens), sampler.gen_length)
+
+
 def sampler_alone(model, asks: list[tuple[bytes, str]], sampler: SamplerConfig, sizes: tuple[int, ...],
                   repeats: int = 10) -> list[dict]:
     """The batching ceiling: milliseconds per row of ``model.run`` alone (no HTTP, no request
@@ -134,7 +143,7 @@ def sampler_alone(model, asks: list[tuple[bytes, str]], sampler: SamplerConfig, 
     import PIL.Image
 
     rows = [model.prompt(q, model.image(PIL.Image.open(io.BytesIO(png)).convert("RGB"))) for png, q in asks]
-    width = model.prompt_width(len(rows[0].tokens), sampler.gen_length)
+    width = first_width(model, asks, sampler)
     rows = [r for r in rows if model.prompt_width(len(r.tokens), sampler.gen_length) == width]
     sizes = [size for size in sorted(set(sizes)) if size <= len(rows)]
     rows = rows[:sizes[-1]]
@@ -240,9 +249,8 @@ def main(argv=None) -> int:
     report = {"machine": describe_cpu(), "checkpoint": args.checkpoint, "requests": args.requests,
               "sampler": {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps},
               "sampler_alone": sampler_alone(model, asks, defaults, sizes), "results": []}
-    first = model.prompt(asks[0][1], model.image(PIL.Image.open(io.BytesIO(asks[0][0])).convert("RGB")))
-    width = model.prompt_width(len(first.tokens), defaults.gen_length)  # sampler_alone's width
-    report["floor"] = compute_floor(model, defaults, width, statistics.mean(a.steps for a in alone), matmul_gflops())
+    report["floor"] = compute_floor(model, defaults, first_width(model, asks, defaults),
+                                    statistics.mean(a.steps for a in alone), matmul_gflops())
     print(ceiling_line(report["sampler_alone"]), file=sys.stderr)
     print(floor_line(report["floor"], report["sampler_alone"]), file=sys.stderr)
     for mode in chosen:
