@@ -241,8 +241,13 @@ def _image_arrays(sample: conv.TokenizedSample, image: _Image, length: int, offs
 
 def answer_padding_id(config: BatchConfig, tokenizer: Any) -> int:
     """The id that pads each row after its last turn (`BatchConfig.answer_padding`)."""
+    return padding_token_id(tokenizer, config.answer_padding)
+
+
+def padding_token_id(tokenizer: Any, padding: str) -> int:
+    """The id of an answer padding (one of `ANSWER_PADDINGS`) in `tokenizer`."""
     specials = tok_lib.special_token_ids(tokenizer)
-    return specials.eot if config.answer_padding == "eot" else specials.eos
+    return specials.eot if padding == "eot" else specials.eos
 
 
 def encode_example(record: Mapping[str, Any], tokenizer: Any, config: BatchConfig) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medv_jax.data import synthetic
+from medv_jax.data import pipeline, synthetic
 from medv_jax.data import tokenizer as tok_lib
 from medv_jax.data.records import load_records, write_json
 from medv_jax.user_errors import UserError
@@ -33,7 +33,6 @@ from medv_jax.user_errors import UserError
 __all__ = ["FORMATS", "reference_canvas", "word_ids", "predict_masked", "probe_words", "add_arguments", "run"]
 
 FORMATS = ("chat", "caption")
-PADDINGS = ("eot", "eos")
 
 
 def word_ids(tokenizer: Any, words: Sequence[str]) -> set[int]:
@@ -67,8 +66,8 @@ def _reference_of(tokenizer: Any, row: Mapping[str, Any], answer_format: str, ge
     try:
         if answer_format == "caption":
             return reference_canvas(tokenizer, synthetic.caption(_scene(row)), gen_length, specials.eos, "\n")
-        pad = specials.eot if padding == "eot" else specials.eos
-        return reference_canvas(tokenizer, row["answer"], gen_length, pad, tok_lib.EOT_TOKEN)
+        return reference_canvas(tokenizer, row["answer"], gen_length, pipeline.padding_token_id(tokenizer, padding),
+                                tok_lib.EOT_TOKEN)
     except UserError as e:
         raise UserError(f"question {row.get('question_id')!r}: {e}") from None
 
@@ -131,8 +130,8 @@ def probe_words(
     canvas after its end of turn, "eot" or "eos" (the model's data.answer_padding)."""
     if answer_format not in FORMATS:
         raise UserError(f"--format {answer_format!r}: one of {FORMATS}")
-    if padding not in PADDINGS:
-        raise UserError(f"--padding {padding!r}: one of {PADDINGS}")
+    if padding not in pipeline.ANSWER_PADDINGS:
+        raise UserError(f"--padding {padding!r}: one of {pipeline.ANSWER_PADDINGS}")
     if not model.takes_images:
         raise UserError("probe-words reads images: give a multimodal checkpoint")
     tok = model.tokenizer
@@ -189,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser, model_flags: Any) -> None:
     parser.add_argument("--format", dest="answer_format", choices=FORMATS, default="chat",
                         help="chat: the reference answer after the chat prompt; caption: a stage-1 caption")
     parser.add_argument("--gen_length", type=int, default=96, help="canvas length (the reference plus padding)")
-    parser.add_argument("--padding", choices=PADDINGS, default="eot",
+    parser.add_argument("--padding", choices=pipeline.ANSWER_PADDINGS, default="eot",
                         help="what fills a chat answer's canvas after its end of turn: the model's "
                              "data.answer_padding (eot: configs/mini/stage2_instruct.py; eos: the other configs)")
     parser.add_argument("--batch_size", type=int, default=50)

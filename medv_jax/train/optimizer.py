@@ -28,22 +28,25 @@ def resolve_group_rates(groups: Sequence[tuple[str, Any]], default_lr: float) ->
     factor); a ValueError naming the group for a rate that is neither a number, None nor "*<factor>"."""
     out = []
     for pattern, lr in groups:
-        if isinstance(lr, str):
-            factor = None
-            if lr.startswith("*"):
-                try:
-                    factor = float(lr[1:])
-                except ValueError:
-                    pass
-            if factor is None or not factor > 0:
-                raise ValueError(f"optim.param_groups: group {pattern!r} has learning rate {lr!r}; give a number, "
-                                 'None (frozen) or "*<factor>" (a positive multiple of optim.lr, e.g. "*0.1")')
-            lr = default_lr * factor
-        elif lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+        rate = _group_rate(lr, default_lr)
+        if rate is False:
             raise ValueError(f"optim.param_groups: group {pattern!r} has learning rate {lr!r}; give a number, "
-                             'None (frozen) or "*<factor>"')
-        out.append((pattern, lr))
+                             'None (frozen) or "*<factor>" (a positive multiple of optim.lr, e.g. "*0.1")')
+        out.append((pattern, rate))
     return out
+
+
+def _group_rate(lr: Any, default_lr: float) -> float | None | bool:
+    """The number a group's rate stands for (None: frozen); False when it is none of the forms."""
+    if lr is None or (isinstance(lr, (int, float)) and not isinstance(lr, bool)):
+        return lr
+    if isinstance(lr, str) and lr.startswith("*"):
+        try:
+            factor = float(lr[1:])
+        except ValueError:
+            return False
+        return default_lr * factor if factor > 0 else False
+    return False
 
 
 def group_of(path: str, groups: Sequence[tuple[str, float | None]]) -> str:

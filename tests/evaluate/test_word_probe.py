@@ -10,7 +10,7 @@ import pytest
 from medv_jax.data import conversation as conv
 from medv_jax.data import synthetic
 from medv_jax.data import tokenizer as tok_lib
-from medv_jax.data.pipeline import BatchConfig, encode_example
+from medv_jax.data.pipeline import ANSWER_PADDINGS, BatchConfig, encode_example
 from medv_jax.evaluate import synthetic_reports, word_probe
 from medv_jax.models.medv import MedV
 from medv_jax.sampling import api
@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     return model, rows, str(root / "q")
 
 
-@pytest.mark.parametrize("padding", word_probe.PADDINGS)
+@pytest.mark.parametrize("padding", ANSWER_PADDINGS)
 def test_reference_canvas_is_the_answer_region_of_the_training_row(setup, padding):
     """With either answer padding, the probe's canvas is what training lays after the prompt."""
     model, rows, folder = setup
